@@ -1,0 +1,15 @@
+"""plexus: an LLM inference engine with vLLM's API and pluggable platforms."""
+from plexus.core.config import EngineArgs
+from plexus.core.engine import LLMEngine
+from plexus.core.outputs import CompletionOutput, Logprob, RequestOutput
+from plexus.core.sampling_params import SamplingParams
+from plexus.entrypoints.llm import LLM
+from plexus.inputs import PromptType, TextPrompt, TokensPrompt
+from plexus.lora.request import LoRARequest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
+    "LoRARequest", "PromptType", "TextPrompt", "TokensPrompt",
+]

@@ -1,0 +1,278 @@
+"""EngineArgs (vLLM's names and defaults) -> EngineConfig, validated once.
+
+Everything downstream takes the typed dataclasses built here; nothing else
+reads user settings or the environment."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from plexus.platforms.interface import Platform
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass
+class ModelConfig:
+    model: str | None            # what the user asked for
+    model_dir: Path              # an HF-style directory (GGUF files are converted into one)
+    tokenizer: str | None
+    skip_tokenizer_init: bool
+    hf_config: PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    seed: int
+    max_logprobs: int
+    generation_config: dict
+    served_model_name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.generation_config.get("eos_token_id"), getattr(self.hf_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(source)
+        return ids
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    enable_prefix_caching: bool
+    kv_cache_space: float | None       # GiB, CPU-style budget
+    gpu_memory_utilization: float      # fraction, accelerator-style budget
+    num_gpu_blocks_override: int | None
+    num_blocks: int = 0                # filled in by the worker from the budget
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool
+    max_model_len: int
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    platform: Platform
+    quantization: str | None
+    enforce_eager: bool
+    extra: dict = field(default_factory=dict)   # platform-specific settings (e.g. override_neuron_config)
+
+
+@dataclass
+class EngineArgs:
+    """The engine's settings, with vLLM's names and defaults."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    seed: int | None = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    device: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    kv_cache_space: float | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    swap_space: float = 4
+    cpu_offload_gb: float = 0
+    enforce_eager: bool = False
+    max_seq_len_to_capture: int = 8192
+    disable_log_stats: bool = True
+    max_logprobs: int = 20
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    served_model_name: str | None = None
+    generation_config: str = "auto"
+    load_format: str = "auto"
+    download_dir: str | None = None
+    disable_custom_all_reduce: bool = False
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    override_neuron_config: dict | None = None
+
+    @classmethod
+    def from_kwargs(cls, caller: str, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{caller}() got an unknown keyword argument {key!r}{hint}")
+        return cls(**kwargs)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for f in dataclasses.fields(EngineArgs):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool",):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            elif f.type == "dict | None":
+                continue
+            else:
+                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+                parser.add_argument(flag, type=kind, default=f.default)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    def create_engine_config(self) -> EngineConfig:
+        from plexus.models import loader
+        from plexus.platforms.registry import resolve_platform
+
+        self._check_ranges()
+        platform = resolve_platform(self.device)
+        model_dir = loader.resolve_model_dir(self.model)
+        hf_config = loader.load_config(model_dir)
+        max_model_len = _max_model_len(hf_config, self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            max_batched = self.max_num_batched_tokens
+        elif self.enable_chunked_prefill:
+            max_batched = 2048
+        else:
+            max_batched = max(max_model_len, 2048)
+        if not self.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}); "
+                "without chunked prefill a whole prompt must fit in one step: raise max_num_batched_tokens, "
+                "lower max_model_len, or set enable_chunked_prefill=True")
+        if self.quantization is not None and self.quantization not in platform.supported_quantizations:
+            allowed = ", ".join(platform.supported_quantizations) or "none yet"
+            raise ValueError(f"quantization={self.quantization!r} is not supported on the {platform.name} platform; "
+                             f"supported: {allowed}")
+        if self.tensor_parallel_size > platform.max_tensor_parallel_size():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
+                             f"platform supports ({platform.max_tensor_parallel_size()})")
+        if self.enable_lora:
+            raise ValueError("enable_lora=True: LoRA adapters are not supported yet")
+        generation_config = loader.load_generation_config(model_dir) if self.generation_config == "auto" else {}
+        config = EngineConfig(
+            model=ModelConfig(
+                model=self.model, model_dir=model_dir, tokenizer=self.tokenizer,
+                skip_tokenizer_init=self.skip_tokenizer_init, hf_config=hf_config,
+                dtype=_parse_dtype(self.dtype, hf_config), max_model_len=max_model_len,
+                seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
+                generation_config=generation_config,
+                served_model_name=self.served_model_name or self.model or loader.BUNDLED_MODEL_NAME),
+            cache=CacheConfig(
+                block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_space=self.kv_cache_space, gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
+                enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            platform=platform, quantization=self.quantization, enforce_eager=self.enforce_eager,
+            extra={"override_neuron_config": self.override_neuron_config or {}},
+        )
+        platform.check_and_update_config(config)
+        return config
+
+    def _check_ranges(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(isinstance(self.block_size, int) and self.block_size >= 1,
+             f"block_size must be a positive integer, got {self.block_size!r}")
+        need(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+             f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
+        need(self.max_model_len is None or self.max_model_len >= 1,
+             f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        need(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+             f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        need(self.pipeline_parallel_size == 1,
+             f"pipeline_parallel_size must be 1 (pipeline parallelism is not supported), got {self.pipeline_parallel_size!r}")
+        need(0 < self.gpu_memory_utilization <= 1,
+             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        need(self.kv_cache_space is None or self.kv_cache_space > 0,
+             f"kv_cache_space must be a positive number of GiB, got {self.kv_cache_space!r}")
+        need(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+             f"num_gpu_blocks_override must be a positive integer, got {self.num_gpu_blocks_override!r}")
+        need(self.max_logprobs >= 0, f"max_logprobs must be non-negative, got {self.max_logprobs!r}")
+        need(self.load_format in ("auto", "safetensors", "gguf"),
+             f"load_format must be one of auto, safetensors, gguf; got {self.load_format!r}")
+        need(self.generation_config in ("auto", "vllm"),
+             f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
+        need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
+
+
+def _parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch.dtype:
+    """'auto' -> the checkpoint's dtype (the platform may then refine it)."""
+    from plexus.models.loader import checkpoint_dtype
+
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; allowed: auto, float32, bfloat16, float16")
+        return dtype
+    if dtype == "auto":
+        return checkpoint_dtype(hf_config)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: auto, float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    derived = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return derived
+    if requested > derived:
+        raise ValueError(f"max_model_len={requested} is larger than the model's maximum context length "
+                         f"({derived}, max_position_embeddings in config.json)")
+    return requested

@@ -1,0 +1,257 @@
+"""Sampler: logits -> tokens for a batch of requests, in plain torch.
+
+Runs on whatever device the logits are on. The order of stages is vLLM's:
+
+1. log-probabilities of the raw logits (what the user sees as logprobs);
+2. banned tokens (EOS/stop tokens before min_tokens) -> -inf;
+3. repetition, frequency and presence penalties;
+4. greedy rows: argmax;
+   random rows: temperature, top-k, top-p, min-p, then one draw by the
+   exponential race argmax(p / q), q ~ Exp(1).
+
+A seeded row draws its noise from its own generator, one row at a time, so its
+tokens do not depend on what else is in the batch. Every stage gives the same
+values for a row whether or not the stage's fast path skips it for the batch,
+which is what keeps that promise when the batch's mix of settings changes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from plexus.core.sampling_params import SAMPLING_EPS, SamplingParams
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [N] float32, 0.0 for greedy rows
+    top_k: torch.Tensor  # [N] int64, vocab_size where disabled
+    top_p: torch.Tensor  # [N] float32
+    min_p: torch.Tensor  # [N] float32
+    presence_penalty: torch.Tensor  # [N] float32
+    frequency_penalty: torch.Tensor  # [N] float32
+    repetition_penalty: torch.Tensor  # [N] float32
+    generators: list[torch.Generator | None]  # per row; None -> the shared generator
+    prompt_token_ids: list[list[int]] | None  # only kept when some row has penalties
+    output_token_ids: list[list[int]]
+    banned_token_ids: list[list[int]]  # per row, e.g. EOS + stop ids before min_tokens
+    max_num_logprobs: int  # max over rows of requested logprobs; 0 if none, -1 = vocab
+    all_greedy: bool
+    all_random: bool
+    no_penalties: bool
+    no_top_k: bool
+    no_top_p: bool
+    no_min_p: bool
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        banned_token_ids: list[list[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> "SamplingMetadata":
+        n = len(params)
+        if not (len(prompt_token_ids) == len(output_token_ids) == len(generators)
+                == len(banned_token_ids) == n):
+            raise ValueError(
+                "SamplingMetadata.build needs one entry per row in every list, got "
+                f"{n} params, {len(prompt_token_ids)} prompts, {len(output_token_ids)} "
+                f"outputs, {len(generators)} generators, {len(banned_token_ids)} banned lists."
+            )
+        greedy = [p.temperature < SAMPLING_EPS for p in params]
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        no_penalties = all(
+            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and p.repetition_penalty == 1.0
+            for p in params
+        )
+        num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        max_num_logprobs = 0
+        if num_logprobs:
+            max_num_logprobs = vocab_size if -1 in num_logprobs else max(num_logprobs)
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        return cls(
+            temperature=floats([0.0 if g else p.temperature for p, g in zip(params, greedy)]),
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            top_p=floats([p.top_p for p in params]),
+            min_p=floats([p.min_p for p in params]),
+            presence_penalty=floats([p.presence_penalty for p in params]),
+            frequency_penalty=floats([p.frequency_penalty for p in params]),
+            repetition_penalty=floats([p.repetition_penalty for p in params]),
+            # A greedy row never draws noise, so its generator must not advance.
+            generators=[None if g else gen for gen, g in zip(generators, greedy)],
+            prompt_token_ids=None if no_penalties else prompt_token_ids,
+            output_token_ids=output_token_ids,
+            banned_token_ids=banned_token_ids,
+            max_num_logprobs=max_num_logprobs,
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            no_penalties=no_penalties,
+            no_top_k=all(k == vocab_size for k in top_k),
+            no_top_p=all(p.top_p >= 1.0 for p in params),
+            no_min_p=all(p.min_p <= 0.0 for p in params),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [N] int64
+    # Log-probability of the sampled token under the raw model distribution
+    # (log_softmax of the input logits, before penalties and temperature).
+    sampled_logprobs: torch.Tensor  # [N] float32
+    sampled_ranks: torch.Tensor  # [N] int64, 1-based rank in the raw distribution
+    topk_token_ids: torch.Tensor | None  # [N, K], K = max_num_logprobs; None when 0
+    topk_logprobs: torch.Tensor | None  # [N, K] float32
+
+
+class Sampler(torch.nn.Module):
+    def forward(
+        self,
+        logits: torch.Tensor,  # [N, V]
+        metadata: SamplingMetadata,
+        default_generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [N, V]
+        # One float32 copy that the stages below may modify in place.
+        logits = logits.to(torch.float32, copy=True)
+
+        _ban_tokens(logits, metadata.banned_token_ids)
+        if not metadata.no_penalties:
+            apply_penalties(logits, metadata)
+
+        if metadata.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        elif metadata.all_random:
+            sampled = self._sample_random(logits, metadata, default_generator)
+        else:
+            greedy_sampled = logits.argmax(dim=-1)
+            random_sampled = self._sample_random(logits, metadata, default_generator)
+            is_greedy = metadata.temperature < SAMPLING_EPS
+            sampled = torch.where(is_greedy, greedy_sampled, random_sampled)
+        return _gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+
+    def _sample_random(
+        self,
+        logits: torch.Tensor,  # [N, V] float32, modified in place
+        metadata: SamplingMetadata,
+        default_generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        # Greedy rows divide by 1 here; their random draw is discarded.
+        temperature = torch.where(metadata.temperature < SAMPLING_EPS, 1.0, metadata.temperature)
+        logits.div_(temperature.unsqueeze(1))
+        if not (metadata.no_top_k and metadata.no_top_p):
+            logits = _apply_top_k_top_p(
+                logits,
+                None if metadata.no_top_k else metadata.top_k,
+                None if metadata.no_top_p else metadata.top_p,
+            )
+        probs = torch.softmax(logits, dim=-1)  # [N, V]
+        if not metadata.no_min_p:
+            max_prob = probs.max(dim=-1, keepdim=True).values
+            # Zeroing without renormalizing is enough: argmax(p / q) does not
+            # depend on the scale of p.
+            probs.masked_fill_(probs < metadata.min_p.unsqueeze(1) * max_prob, 0.0)
+        return _exponential_race(probs, metadata.generators, default_generator)
+
+
+def _ban_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> None:
+    rows = [row for row, ids in enumerate(banned_token_ids) for _ in ids]
+    if rows:
+        cols = [t for ids in banned_token_ids for t in ids]
+        logits[torch.tensor(rows, device=logits.device),
+               torch.tensor(cols, device=logits.device)] = float("-inf")
+
+
+def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[N, V] int64: how often each token occurs in each row's list."""
+    width = max((len(ids) for ids in token_ids), default=0)
+    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.int64, device=device)
+    if width == 0:
+        return counts[:, :vocab_size]
+    # Pad with vocab_size, a column past the vocabulary that is dropped below.
+    padded = torch.tensor(
+        [ids + [vocab_size] * (width - len(ids)) for ids in token_ids],
+        dtype=torch.int64, device=device,
+    )  # [N, width]
+    counts.scatter_add_(1, padded, torch.ones_like(padded))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """In place: repetition over prompt + output, frequency and presence over output."""
+    vocab_size = logits.shape[1]
+    output_counts = _token_counts(metadata.output_token_ids, vocab_size, logits.device)
+    prompt_counts = _token_counts(metadata.prompt_token_ids, vocab_size, logits.device)
+    seen = (prompt_counts > 0) | (output_counts > 0)  # [N, V]
+    penalty = torch.where(seen, metadata.repetition_penalty.unsqueeze(1), 1.0)
+    # Shrink toward zero: divide positive logits, multiply negative ones.
+    logits.copy_(torch.where(logits > 0, logits / penalty, logits * penalty))
+    logits.sub_(metadata.frequency_penalty.unsqueeze(1) * output_counts)
+    logits.sub_(metadata.presence_penalty.unsqueeze(1) * (output_counts > 0))
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor,  # [N, V]
+    top_k: torch.Tensor | None,  # [N] int64, vocab_size = off
+    top_p: torch.Tensor | None,  # [N] float32, 1.0 = off
+) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    vocab_size = logits.shape[1]
+    if top_k is not None:
+        # Keep everything at least as large as the k-th largest (ties stay).
+        kth_largest = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        # Ascending cumulative mass <= 1 - p marks exactly the tokens after the
+        # smallest top set whose mass reaches p; the top token always stays.
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1.0 - top_p.unsqueeze(1)
+        drop[:, -1] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return sorted_logits.scatter(1, order, sorted_logits)
+
+
+def _exponential_race(
+    probs: torch.Tensor,  # [N, V], rows need not sum to 1
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One sample per row: argmax(p / q) with q ~ Exp(1) picks i with prob p_i / sum(p)."""
+    q = torch.empty_like(probs)
+    if any(g is None for g in generators):
+        q.exponential_(generator=default_generator)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            q[row].exponential_(generator=generator)
+    # exponential_ may return exactly 0, and 0 / 0 is nan, which argmax would pick.
+    q.clamp_(min=torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)
+
+
+def _gather_logprobs(
+    raw_logprobs: torch.Tensor,  # [N, V]
+    sampled: torch.Tensor,  # [N] int64
+    max_num_logprobs: int,
+) -> SamplerOutput:
+    sampled_logprobs = raw_logprobs.gather(1, sampled.unsqueeze(1))  # [N, 1]
+    # vLLM's rank: how many tokens are at least as likely as the sampled one.
+    ranks = (raw_logprobs >= sampled_logprobs).sum(dim=-1)
+    topk_ids = topk_logprobs = None
+    vocab_size = raw_logprobs.shape[1]
+    k = vocab_size if max_num_logprobs == -1 else min(max_num_logprobs, vocab_size)
+    if k > 0:
+        topk_logprobs, topk_ids = raw_logprobs.topk(k, dim=-1)
+    return SamplerOutput(
+        sampled_token_ids=sampled.to(torch.int64),
+        sampled_logprobs=sampled_logprobs.squeeze(1),
+        sampled_ranks=ranks.to(torch.int64),
+        topk_token_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+    )

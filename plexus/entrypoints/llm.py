@@ -1,0 +1,124 @@
+"""The offline API: ``LLM(...).generate(prompts, sampling_params)``, as vLLM's."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from plexus.core.config import EngineArgs
+from plexus.core.engine import LLMEngine
+from plexus.core.outputs import RequestOutput
+from plexus.core.sampling_params import SamplingParams
+
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class LLM:
+    """An LLM for offline generation.
+
+    Args:
+        model: a local HF model directory, a .gguf file, or None for the
+            bundled SmolLM2-135M-Instruct.
+        tokenizer: a tokenizer directory (default: the model's).
+        **kwargs: any EngineArgs field (dtype, seed, max_model_len,
+            max_num_seqs, max_num_batched_tokens, block_size,
+            enable_prefix_caching, enable_chunked_prefill, device,
+            quantization, tensor_parallel_size, kv_cache_space,
+            gpu_memory_utilization, enforce_eager, skip_tokenizer_init, ...).
+    """
+
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, **kwargs: Any) -> None:
+        engine_args = EngineArgs.from_kwargs("LLM", model=model, tokenizer=tokenizer, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(engine_args)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults, as vLLM does."""
+        gen = self.llm_engine.config.model.generation_config
+        overrides = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
+        return SamplingParams(**overrides)
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, lora_request: Any = None, **kwargs: Any) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list of them (strings,
+        ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}``). Returns one
+        RequestOutput per prompt, in input order."""
+        if kwargs.get("prompt_token_ids") is not None:   # vLLM's legacy keyword
+            prompts = [{"prompt_token_ids": ids} for ids in kwargs.pop("prompt_token_ids")]
+        if kwargs:
+            raise TypeError(f"generate() got an unknown keyword argument {next(iter(kwargs))!r}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling_params; "
+                                 "pass one SamplingParams or one per prompt")
+        lora_list = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        return self._run(prompts, params_list, lora_list, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
+             use_tqdm: bool = True, lora_request: Any = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, tools: list | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, formatted
+        with the tokenizer's chat template."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer, but skip_tokenizer_init=True")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, chat_template=chat_template, tools=tools,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+            # The template already wrote the special tokens (BOS and the like).
+            prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def _run(self, prompts: list, params_list: list[SamplingParams], lora_list: list,
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, params, lora in zip(prompts, params_list, lora_list):
+                request_id = str(next(self._request_counter))
+                engine.add_request(request_id, prompt, params, lora_request=lora)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)   # all or nothing: no half-submitted batch stays queued
+            raise
+
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start = time.perf_counter()
+        prompt_tokens = output_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        prompt_tokens += len(output.prompt_token_ids)
+                        output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        elapsed = time.perf_counter() - start
+                        bar.set_postfix_str(f"est. speed input: {prompt_tokens / elapsed:.2f} toks/s, "
+                                            f"output: {output_tokens / elapsed:.2f} toks/s")
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request(ids)
+            raise
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]

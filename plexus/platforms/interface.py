@@ -1,0 +1,64 @@
+"""The contract every device implements. The core asks the platform; it never
+branches on a device name."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from plexus.core.config import EngineConfig
+    from plexus.worker.worker import Worker
+
+
+class Platform:
+    """A device plugin. Subclass it, and return an instance from a
+    ``plexus_platform`` hook registered under the ``plexus.platforms``
+    entry-point group."""
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]  # the torch device string
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16, torch.float16)
+    supported_quantizations: ClassVar[tuple[str, ...]] = ()
+    supports_lora: ClassVar[bool] = False
+    supports_paged_kv: ClassVar[bool] = True
+    # Higher wins under device="auto" among the available platforms.
+    auto_priority: ClassVar[int] = 0
+
+    def is_available(self) -> bool:
+        """Cheap: may not import heavy SDKs or touch the device."""
+        raise NotImplementedError
+
+    def unavailable_reason(self) -> str:
+        return f"the {self.name} platform is not available on this machine"
+
+    def max_tensor_parallel_size(self) -> int:
+        return 1
+
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        """Fix or refuse settings the device can't serve. Raise ValueError
+        naming the setting and what is allowed."""
+
+    def kv_cache_budget_bytes(self, config: EngineConfig) -> int:
+        """How many bytes the KV cache may take on this device."""
+        raise NotImplementedError
+
+    def make_worker(self, config: EngineConfig, rank: int = 0) -> Worker:
+        """The worker that owns the model and the KV cache on this device."""
+        from plexus.worker.worker import Worker
+
+        return Worker(config, self, rank)
+
+    def attention_backend(self, config: EngineConfig) -> type:
+        from plexus.models.layers.attention import TorchPagedAttention
+
+        return TorchPagedAttention
+
+    def distributed_backend(self) -> str | None:
+        return None
+
+    def set_num_threads(self, config: EngineConfig) -> None:
+        """Process-wide settings before the model loads (threads, allocator)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device_type={self.device_type!r})"
