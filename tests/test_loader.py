@@ -34,13 +34,9 @@ def converted_weights(converted_dir):
 
 
 @pytest.fixture(scope="session")
-def transformers_gguf_model():
+def transformers_gguf_model(hf_smollm):
     """transformers' own GGUF loader: the outside truth for the converted weights."""
-    path = bundled_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
-    return model.state_dict()
+    return hf_smollm.state_dict()
 
 
 def test_bundled_gguf_converts_to_smollm2_llama_config(converted_dir):

@@ -13,7 +13,7 @@ def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim)), 1.0
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' (NTK scaling that changes with the sequence length) is not supported")
     if rope_type not in ROPE_INIT_FUNCTIONS:
@@ -30,10 +30,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq, scaling = _inv_freq(hf_config, head_dim)
-        inv_freq = inv_freq.to("cpu", torch.float)
-        freqs = torch.arange(max_positions, dtype=torch.float, device="cpu")[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        with torch.device("cpu"):   # real tables even while the model is built on the meta device
+            inv_freq, scaling = _inv_freq(hf_config, head_dim)
+            freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
         # Plain attributes, not buffers: they stay fp32 whatever dtype the model is cast to (as in HF),
         # and survive the model being built on the meta device.
         self.cos = emb.cos() * scaling  # [max_positions, head_dim]

@@ -1,0 +1,72 @@
+"""Greedy fp32 output equals HF transformers token for token, whatever the
+batching, caching, chunking or preemption underneath."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plexus import LLM, SamplingParams
+
+MAX_TOKENS = 24
+SYSTEM = ("<|im_start|>system\nYou are a careful assistant. Answer in one short paragraph, "
+          "plainly, without lists or headings.<|im_end|>\n")
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "def fibonacci(n):",
+    SYSTEM + "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+    SYSTEM + "<|im_start|>user\nName three planets.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who",
+    "List of prime numbers: 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71,",
+    ("The history of the printing press begins with Johannes Gutenberg, who around 1440 developed a "
+     "movable-type system in Mainz. His invention spread rapidly across Europe, and by 1500 printing "
+     "presses in Western Europe had produced more than twenty million volumes. The consequences for "
+     "science, religion and politics were profound, because") * 2,
+]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_smollm, smollm_tokenizer):
+    """HF's greedy continuation of each prompt, one prompt at a time (no padding)."""
+    eos = smollm_tokenizer.eos_token_id
+    results = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([smollm_tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = hf_smollm.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=eos,
+                                     pad_token_id=eos)
+        results.append(out[0, ids.shape[1]:].tolist())
+    return results
+
+
+def test_prompts_cover_short_long_and_shared_prefixes(smollm_tokenizer):
+    lengths = sorted(len(smollm_tokenizer.encode(p)) for p in PROMPTS)
+    assert lengths[0] <= 2 and lengths[-1] > 100 and len(set(lengths)) == len(PROMPTS)
+
+
+def _generate(llm: LLM) -> list[list[int]]:
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(enable_prefix_caching=True),
+    dict(enable_prefix_caching=False),
+    dict(enable_chunked_prefill=True, max_num_batched_tokens=32),
+    dict(enable_chunked_prefill=False),
+], ids=["prefix-cache", "no-prefix-cache", "chunked-prefill-32", "no-chunked-prefill"])
+def test_greedy_fp32_matches_hf_token_for_token(settings, hf_greedy):
+    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_space=0.1, **settings)
+    assert _generate(llm) == hf_greedy
+    if settings.get("enable_prefix_caching"):
+        # A second pass finds every prompt's full blocks in the prefix cache and still matches.
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == hf_greedy
+        assert sum(o.num_cached_tokens for o in outputs) >= 16 * 8
+
+
+def test_greedy_fp32_matches_hf_when_the_kv_cache_forces_preemption(hf_greedy):
+    # 24 blocks of 16 tokens: the longest request alone needs 12, all eight together far more.
+    llm = LLM(dtype="float32", max_model_len=1024, num_gpu_blocks_override=24, max_num_batched_tokens=64)
+    assert _generate(llm) == hf_greedy
+    assert llm.llm_engine.scheduler.num_preemptions > 0
