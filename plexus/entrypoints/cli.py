@@ -9,10 +9,11 @@ import sys
 def _generate(args: argparse.Namespace) -> int:
     from plexus import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              seed=args.seed)
+    # Sampling settings first: a typo fails before the model loads.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              seed=args.seed)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
     else:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--device", default="auto")
