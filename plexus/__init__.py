@@ -1,4 +1,5 @@
 """plexus: an LLM inference engine with vLLM's API and pluggable platforms."""
+import plexus.logger  # noqa: F401  (installs the default handler first)
 from plexus.core.config import EngineArgs
 from plexus.core.engine import LLMEngine
 from plexus.core.outputs import CompletionOutput, Logprob, RequestOutput

@@ -60,7 +60,7 @@ def test_prompt_logprobs_match_hf_log_softmax(tiny_model, max_num_batched_tokens
     prompt = _prompt(100)
     llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", kv_cache_space=0.05,
               max_num_batched_tokens=max_num_batched_tokens)
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=5),
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=5, ignore_eos=True),
                        use_tqdm=False)[0]
     with torch.no_grad():
         expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [L, V]

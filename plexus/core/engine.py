@@ -181,10 +181,8 @@ class LLMEngine:
             value = getattr(params, name)
             if value is not None and value > max_logprobs:
                 raise ValueError(f"{name}={value} exceeds max_logprobs={max_logprobs}; raise max_logprobs")
-        if (params.stop or params.detokenize is False) and self.tokenizer is None and params.stop:
+        if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True; use stop_token_ids")
-        if params.stop and not params.detokenize:
-            raise ValueError("stop strings need detokenize=True")
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
