@@ -18,11 +18,11 @@ class ScheduledRequest:
     request: Request
     start: int                 # request.num_computed_tokens when scheduled
     num_tokens: int            # tokens computed this step: positions [start, start + num_tokens)
+    # Whether this step reaches the end of the request's tokens, so its last position is sampled.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens, so its last position is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass

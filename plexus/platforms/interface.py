@@ -43,6 +43,11 @@ class Platform:
         """How many bytes the KV cache may take on this device."""
         raise NotImplementedError
 
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero-filled tensor on this device (the KV cache: attention reads
+        masked padding slots, where uninitialized NaNs would leak through)."""
+        return torch.zeros(shape, dtype=dtype, device=self.device_type)
+
     def make_worker(self, config: EngineConfig, rank: int = 0) -> Worker:
         """The worker that owns the model and the KV cache on this device."""
         from plexus.worker.worker import Worker

@@ -38,13 +38,9 @@ class Worker:
         self.num_blocks = self._num_kv_blocks()
         config.cache.num_blocks = self.num_blocks
         m = config.model
-        # One tensor per layer: [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]. Zeroed, since
-        # attention reads (masked) padding slots and an uninitialized NaN there would leak through.
-        self.kv_caches = [
-            torch.zeros(2, self.num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim,
-                        dtype=m.dtype, device=self.device)
-            for _ in range(m.num_layers)
-        ]
+        # One tensor per layer: [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim].
+        shape = (2, self.num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
         self.runner = ModelRunner(config, self.model, self.kv_caches, self.device)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, config.cache.block_size,
                     self.num_blocks * config.cache.block_size)
