@@ -69,33 +69,38 @@ def test_request_larger_than_the_whole_kv_cache_is_refused_up_front():
     _still_serves(llm)
 
 
-def test_unknown_model_path():
+def test_unknown_model_path(llm_fp32):
     with pytest.raises(ValueError, match="/no/such/model.*never downloads"):
         LLM(model="/no/such/model")
+    _still_serves(llm_fp32)
 
 
-def test_directory_without_config_json(tmp_path):
+def test_directory_without_config_json(tmp_path, llm_fp32):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="config.json"):
         LLM(model=str(tmp_path))
+    _still_serves(llm_fp32)
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_architecture(tmp_path, llm_fp32):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
         LLM(model=str(tmp_path))
+    _still_serves(llm_fp32)
 
 
-def test_corrupt_safetensors(tmp_path, smollm_dir):
+def test_corrupt_safetensors(tmp_path, smollm_dir, llm_fp32):
     (tmp_path / "config.json").write_text((smollm_dir / "config.json").read_text())
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(ValueError, match="corrupt safetensors file .*model.safetensors"):
         LLM(model=str(tmp_path), skip_tokenizer_init=True, kv_cache_space=0.01)
+    _still_serves(llm_fp32)
 
 
-def test_unknown_device_lists_the_registered_platforms():
+def test_unknown_device_lists_the_registered_platforms(llm_fp32):
     with pytest.raises(ValueError, match=r"unknown device 'tpu9'; registered platforms: auto, .*cpu"):
         LLM(device="tpu9")
+    _still_serves(llm_fp32)
 
 
 @pytest.mark.parametrize("kwargs, message", [

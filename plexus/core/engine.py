@@ -59,7 +59,6 @@ def load_tokenizer(config: EngineConfig):
 class LLMEngine:
     def __init__(self, config: EngineConfig, log_stats: bool = False) -> None:
         self.config = config
-        self.log_stats = log_stats
         self.tokenizer = load_tokenizer(config)
         self.executor = Executor(config)
         cache = config.cache
@@ -67,13 +66,11 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.device = self.executor.device
         self.default_generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
-        self.eos_token_ids = frozenset(config.model.eos_token_ids() or
-                                       ({self.tokenizer.eos_token_id} if self.tokenizer and
-                                        self.tokenizer.eos_token_id is not None else set()))
+        eos = config.model.eos_token_ids()
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = {self.tokenizer.eos_token_id}
+        self.eos_token_ids = frozenset(eos)
         self._states: dict[str, _RequestState] = {}
-        self._decoded_tokens: dict[int, str] = {}
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> LLMEngine:
@@ -141,7 +138,6 @@ class LLMEngine:
         self._states[request_id] = state
         for seq in state.sequences:
             self.scheduler.add(seq.request)
-        self.num_prompt_tokens += len(prompt_ids)
 
     def _tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -239,7 +235,6 @@ class LLMEngine:
         params = request.sampling_params
         token = sampled.token_id
         request.append_token(token)
-        self.num_generated_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = now
         request.last_token_time = now
@@ -274,12 +269,7 @@ class LLMEngine:
         return out
 
     def _decode_token(self, token_id: int) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self._decoded_tokens.get(token_id)
-        if text is None:
-            text = self._decoded_tokens[token_id] = detokenize_logprob_token(self.tokenizer, token_id)
-        return text
+        return None if self.tokenizer is None else detokenize_logprob_token(self.tokenizer, token_id)
 
     def _add_prompt_logprobs(self, request: Request, state: _RequestState, entries: list[TokenLogprobs]) -> None:
         if request.prompt_logprobs is None:

@@ -92,10 +92,12 @@ class ModelRunner:
                 banned.append(sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else r.eos_token_ids)))
             else:
                 banned.append([])
+        # Token histories only matter to penalties; copying them every step would cost O(length) per token.
+        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
         metadata = SamplingMetadata.build(
             params=params,
-            prompt_token_ids=[r.prompt_token_ids for r in requests],
-            output_token_ids=[r.output_token_ids for r in requests],
+            prompt_token_ids=[r.prompt_token_ids if penalized else [] for r in requests],
+            output_token_ids=[r.output_token_ids if penalized else [] for r in requests],
             generators=[r.generator for r in requests],
             banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device)
         sampled = self.sampler(logits, metadata, default_generator)
