@@ -270,9 +270,15 @@ def _parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch
 
 def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
     derived = getattr(hf_config, "max_position_embeddings", None) or 2048
+    source = "max_position_embeddings in config.json"
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) and window < derived:
+        # Attention here is full-context; within the window that is exactly sliding-window attention.
+        derived, source = window, ("sliding_window in config.json: plexus attends over the whole context, "
+                                   "which equals sliding-window attention only up to the window")
     if requested is None:
         return derived
     if requested > derived:
         raise ValueError(f"max_model_len={requested} is larger than the model's maximum context length "
-                         f"({derived}, max_position_embeddings in config.json)")
+                         f"({derived}, {source})")
     return requested

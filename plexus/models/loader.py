@@ -15,9 +15,10 @@ import torch
 import transformers
 
 from plexus.models.gguf import bundled_gguf_path, convert_gguf
+from plexus.models.llama import ARCHITECTURES
 
 BUNDLED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = set(ARCHITECTURES)
 
 _BUNDLED_ALIASES = {BUNDLED_MODEL_NAME, BUNDLED_MODEL_NAME.split("/")[-1]}
 
