@@ -22,6 +22,12 @@ import torch
 from plexus.core.sampling_params import SAMPLING_EPS, SamplingParams
 
 
+def uses_penalties(params: list[SamplingParams]) -> bool:
+    """Whether any row needs its token history (the only stage that reads it)."""
+    return any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+               for p in params)
+
+
 @dataclass
 class SamplingMetadata:
     temperature: torch.Tensor  # [N] float32, 0.0 for greedy rows
@@ -64,11 +70,7 @@ class SamplingMetadata:
             )
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        no_penalties = all(
-            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and p.repetition_penalty == 1.0
-            for p in params
-        )
+        no_penalties = not uses_penalties(params)
         num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         max_num_logprobs = 0
         if num_logprobs:

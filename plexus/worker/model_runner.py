@@ -8,7 +8,7 @@ import torch
 
 from plexus.core.config import EngineConfig
 from plexus.core.request import Request
-from plexus.core.sampler import Sampler, SamplingMetadata
+from plexus.core.sampler import Sampler, SamplingMetadata, uses_penalties
 from plexus.core.scheduler import SchedulerOutput
 from plexus.models.layers.attention import AttentionMetadata
 
@@ -93,7 +93,7 @@ class ModelRunner:
             else:
                 banned.append([])
         # Token histories only matter to penalties; copying them every step would cost O(length) per token.
-        penalized = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+        penalized = uses_penalties(params)
         metadata = SamplingMetadata.build(
             params=params,
             prompt_token_ids=[r.prompt_token_ids if penalized else [] for r in requests],
