@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from plexus import kernels
 from plexus.models.layers.attention import AttentionMetadata
 from plexus.models.layers.norm import RMSNorm
 from plexus.models.layers.rotary import RotaryEmbedding
@@ -31,12 +31,10 @@ class LlamaAttention(nn.Module):
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q = self.rotary.apply_and_cache(positions, qkv, kv_cache, meta.slot_mapping,
+                                        self.num_heads, self.num_kv_heads, self.head_dim)
+        return kernels.linear(self.attn(q, kv_cache, meta), self.o_proj.weight, self.o_proj.bias)
 
 
 class LlamaMLP(nn.Module):
@@ -50,8 +48,8 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; the Llama family uses 'silu'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = kernels.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return kernels.linear(kernels.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -62,9 +60,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, kv_cache, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions, hidden, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried separately so each add fuses into the next norm."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -83,17 +87,34 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._decode_weights: list[torch.Tensor | None] | None = None   # for the fused decode kernel
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        if meta.padded is None and kernels.fused_decode_available(hidden, kv_caches):
+            return self._fused_decode(hidden, positions, kv_caches, meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        return self.norm(hidden, residual)[0]
+
+    def _fused_decode(self, hidden, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """All layers of a step of one-token sequences in one C++ call (plexus/kernels/cpu/ops.cpp)."""
+        if self._decode_weights is None:
+            self._decode_weights = [t for layer in self.layers for t in (
+                layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight, layer.self_attn.qkv_proj.bias,
+                layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, layer.post_attention_layernorm.weight,
+                layer.mlp.gate_up_proj.weight, layer.mlp.gate_up_proj.bias,
+                layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)]
+        attn = self.layers[0].self_attn
+        return torch.ops.plexus.llama_decode_layers(
+            hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
+            self.rotary.cos, self.rotary.sin, kv_caches, self._decode_weights, self.norm.weight, self.norm.eps,
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale, kernels.FAST_LINEAR_MAX_ROWS)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()  # [N, vocab]
+        return kernels.linear(hidden, weight).float()  # [N, vocab], rounded to the model dtype as in HF
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

@@ -48,6 +48,10 @@ class Platform:
         masked padding slots, where uninitialized NaNs would leak through)."""
         return torch.zeros(shape, dtype=dtype, device=self.device_type)
 
+    def materialize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Give a model built on the meta device real (uninitialized) storage on this device."""
+        return model.to_empty(device=self.device_type)
+
     def make_worker(self, config: EngineConfig, rank: int = 0) -> Worker:
         """The worker that owns the model and the KV cache on this device."""
         from plexus.worker.worker import Worker

@@ -53,18 +53,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, default_generator: torch.Generator | None) -> ModelRunnerOutput:
         input_ids: list[int] = []
-        positions: list[int] = []
         for s in out.scheduled:
             input_ids.extend(s.request.token_ids[s.start:s.start + s.num_tokens])
-            positions.extend(range(s.start, s.start + s.num_tokens))
-        positions_t = torch.tensor(positions, dtype=torch.long)
         meta = AttentionMetadata.build(
             query_lens=[s.num_tokens for s in out.scheduled],
             seq_lens=[s.start + s.num_tokens for s in out.scheduled],
             block_ids=[s.request.block_ids for s in out.scheduled],
-            positions=positions_t, block_size=self.block_size, device=self.device)
+            block_size=self.block_size, device=self.device)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                            positions_t.to(self.device), self.kv_caches, meta)  # [T, hidden]
+                            meta.positions, self.kv_caches, meta)  # [T, hidden]
 
         result = ModelRunnerOutput()
         sample_rows: list[int] = []

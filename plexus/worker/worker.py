@@ -13,7 +13,7 @@ from plexus.worker.model_runner import ModelRunner
 logger = logging.getLogger("plexus")
 
 
-def build_model(config: EngineConfig, device: torch.device, attn_backend: type) -> torch.nn.Module:
+def build_model(config: EngineConfig, platform, attn_backend: type) -> torch.nn.Module:
     from plexus.models import loader
     from plexus.models.llama import ARCHITECTURES
 
@@ -22,7 +22,7 @@ def build_model(config: EngineConfig, device: torch.device, attn_backend: type) 
     model_cls = ARCHITECTURES[arch]
     with torch.device("meta"):
         model = model_cls(hf_config, attn_backend, config.model.max_model_len)
-    model = model.to(dtype=config.model.dtype).to_empty(device=device)
+    model = platform.materialize(model.to(dtype=config.model.dtype))
     model.load_weights(loader.iterate_weights(config.model.model_dir))
     return model.eval()
 
@@ -34,7 +34,7 @@ class Worker:
         self.rank = rank
         self.device = torch.device(platform.device_type)
         platform.set_num_threads(config)
-        self.model = build_model(config, self.device, platform.attention_backend(config))
+        self.model = build_model(config, platform, platform.attention_backend(config))
         self.num_blocks = self._num_kv_blocks()
         config.cache.num_blocks = self.num_blocks
         m = config.model

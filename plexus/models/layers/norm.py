@@ -1,18 +1,20 @@
 import torch
 from torch import nn
 
+from plexus import kernels
+
 
 class RMSNorm(nn.Module):
     """Llama's RMSNorm, computed in fp32 and cast back as HF does, so bf16
-    rounding matches the reference."""
+    rounding matches the reference. Given a residual, adds it first (rounded
+    to the model dtype, as HF's separate add is) and returns both."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)

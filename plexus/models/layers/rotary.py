@@ -5,6 +5,8 @@ position exactly as HF computes them per call."""
 import torch
 from torch import nn
 
+from plexus import kernels
+
 
 def _inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -46,3 +48,19 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def apply_and_cache(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """Rotates q and k of the fused qkv rows [T, (Hq + 2 Hkv) * D], writes k and v into their cache
+        slots (cache: [2, num_blocks, block_size, Hkv, D]) and returns the rotated q as [T, Hq, D]."""
+        if self.cos.device != positions.device:
+            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
+        if kernels.available(qkv) and qkv.dtype == kv_cache.dtype and kv_cache.is_contiguous():
+            return torch.ops.plexus.rope_and_cache(qkv, positions, self.cos, self.sin, kv_cache, slot_mapping,
+                                                   num_heads, num_kv_heads, head_dim)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k = self(positions, q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim))
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.reshape(k.shape))
+        return q

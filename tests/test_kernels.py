@@ -1,0 +1,120 @@
+"""The C++ CPU kernels against the torch computations they replace."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plexus import kernels
+from plexus.models.layers.attention import AttentionMetadata, TorchPagedAttention
+from plexus.models.layers.rotary import rotate_half
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="needs a C++ compiler to build the CPU kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(actual, expected, dtype):
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not kernels.fast_linear_available(), reason="needs avx512_bf16")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize("n,k", [(960, 576), (13, 40), (6, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_bf16_matches_fp32_matmul(m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())   # exact products, fp32 sums
+    out = kernels.linear(x, w, b, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    torch.testing.assert_close(out, expected, atol=1e-3 * k ** 0.5, rtol=1e-4)
+    assert torch.equal(kernels.linear(x, w, b), out.bfloat16())                # bf16 output = rounded fp32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_match_hf_formula(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 576, generator=g).to(dtype)
+    r = torch.randn(5, 576, generator=g).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+
+    def hf(h):
+        hf32 = h.float()
+        return w * (hf32 * torch.rsqrt(hf32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+
+    _close(kernels.rms_norm(x, w, 1e-5), hf(x), dtype)
+    residual = r.clone()
+    out, new_residual = kernels.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(new_residual, r + x)
+    _close(out, hf(r + x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    x = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    _close(kernels.silu_and_mul(x), F.silu(gate) * up, dtype)
+
+
+def _cache(num_blocks, block_size, hkv, d, dtype, seed=2):
+    return torch.randn(2, num_blocks, block_size, hkv, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache(dtype):
+    hq, hkv, d, block_size = 6, 2, 32, 4
+    t = 7
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    positions = torch.tensor([0, 1, 2, 9, 3, 4, 17])
+    slots = torch.tensor([5, 6, 7, 8, 20, 21, 22])
+    freqs = torch.arange(32)[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))[None, :]
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    cache = torch.zeros(2, 8, block_size, hkv, d, dtype=dtype)
+    q = torch.ops.plexus.rope_and_cache(qkv, positions, cos, sin, cache, slots, hq, hkv, d)
+
+    qr, kr, vr = qkv.float().split([hq * d, hkv * d, hkv * d], -1)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    q_ref = qr.view(t, hq, d) * c + rotate_half(qr.view(t, hq, d)) * s
+    k_ref = kr.view(t, hkv, d) * c + rotate_half(kr.view(t, hkv, d)) * s
+    _close(q, q_ref, dtype)
+    _close(cache[0].view(-1, hkv, d)[slots], k_ref, dtype)
+    assert torch.equal(cache[1].view(-1, hkv, d)[slots], vr.view(t, hkv, d).to(dtype))
+    untouched = torch.ones(cache[0].view(-1, hkv, d).shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    assert not cache[:, :, :].view(2, -1, hkv, d)[:, untouched].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (6, 2, 24)])
+def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
+    """Mixed steps: decodes through the kernel, prefill chunks through SDPA; both against all-SDPA."""
+    block_size, num_blocks = 4, 40
+    cache = _cache(num_blocks, block_size, hkv, d, dtype)
+    rng = np.random.default_rng(0)
+    query_lens = [1, 5, 1, 1, 3, 1]
+    seq_lens = [9, 5, 17, 1, 12, 30]
+    perm = rng.permutation(num_blocks).tolist()
+    block_ids, used = [], 0
+    for s in seq_lens:
+        n = -(-s // block_size)
+        block_ids.append(perm[used:used + n])
+        used += n
+    q = torch.randn(sum(query_lens), hq, d, generator=torch.Generator().manual_seed(4)).to(dtype)
+    attn = TorchPagedAttention(hq, hkv, d, d ** -0.5)
+    mixed = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size, torch.device("cpu"),
+                                    use_decode_kernel=True)
+    reference = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size, torch.device("cpu"),
+                                        use_decode_kernel=False)
+    assert mixed.decode is not None and mixed.padded is not None and reference.decode is None
+    _close(attn(q, cache, mixed), attn(q, cache, reference), dtype)
+
+    only_decodes = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size,
+                                           torch.device("cpu"), use_decode_kernel=True)
+    assert only_decodes.padded is None
+    ref = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size, torch.device("cpu"),
+                                  use_decode_kernel=False)
+    _close(attn(q[:2], cache, only_decodes), attn(q[:2], cache, ref), dtype)
