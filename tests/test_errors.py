@@ -112,6 +112,12 @@ def test_unknown_device_lists_the_registered_platforms(llm_fp32):
     (dict(tensor_parallel_size=2), "tensor_parallel_size=2 exceeds"),
     (dict(enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=1024),
      "without chunked prefill a whole prompt must fit in one step"),
+    (dict(compilation_config=5), "compilation_config level must be 0, 1, 2 or 3, got 5"),
+    (dict(compilation_config="max"), "compilation_config must be an int level or a dict, got str"),
+    (dict(compilation_config={"level": 3, "backend": "eager"}),
+     r"compilation_config: unknown keys \['backend'\]; supported: level, cudagraph_capture_sizes"),
+    (dict(compilation_config={"level": 3, "cudagraph_capture_sizes": [1, 512]}, max_num_seqs=64),
+     r"compilation_config.cudagraph_capture_sizes: bucket 512 is larger than max_num_seqs \(64\)"),
 ])
 def test_bad_engine_settings_name_the_setting(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -1,4 +1,6 @@
 """The C++ CPU kernels against the torch computations they replace."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,11 @@ from plexus import kernels
 from plexus.models.layers.attention import AttentionMetadata, TorchPagedAttention
 from plexus.models.layers.rotary import rotate_half
 
-pytestmark = pytest.mark.skipif(not kernels.load(), reason="needs a C++ compiler to build the CPU kernels")
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to build the CPU kernels")
+
+
+def test_kernels_build():
+    assert kernels.load(), "the CPU kernels failed to build; see the warning logged above"
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -28,10 +34,21 @@ def test_linear_bf16_matches_fp32_matmul(m, n, k, bias):
     w = torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if bias else None
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())   # exact products, fp32 sums
-    out = kernels.linear(x, w, b, out_dtype=torch.float32)
+    out = torch.ops.plexus.linear_bf16(x, w, b, True)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     torch.testing.assert_close(out, expected, atol=1e-3 * k ** 0.5, rtol=1e-4)
     assert torch.equal(kernels.linear(x, w, b), out.bfloat16())                # bf16 output = rounded fp32
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_linear_with_prepacked_weights(m):
+    """Whichever path serves m rows (GEMV, oneDNN prepacked), the result is the bf16 matmul's."""
+    g = torch.Generator().manual_seed(m)
+    x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((m, 576), (960, 576), (960,)))
+    packed = kernels.pack_weight(w)
+    assert packed is not None
+    expected = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(kernels.linear(x, w, b, packed).float(), expected, atol=0.1, rtol=1.6e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,7 +108,8 @@ def test_rope_and_cache(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32), (6, 2, 24)])
 def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
-    """Mixed steps: decodes through the kernel, prefill chunks through SDPA; both against all-SDPA."""
+    """Mixed steps (decodes and prefill chunks with cached prefixes): the decode kernel against the
+    torch decode path, with the same per-chunk prefill attention in both."""
     block_size, num_blocks = 4, 40
     cache = _cache(num_blocks, block_size, hkv, d, dtype)
     rng = np.random.default_rng(0)
@@ -109,12 +127,12 @@ def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
                                     use_decode_kernel=True)
     reference = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size, torch.device("cpu"),
                                         use_decode_kernel=False)
-    assert mixed.decode is not None and mixed.padded is not None and reference.decode is None
+    assert mixed.decode.mask is None and reference.decode.mask is not None and len(mixed.prefills) == 2
     _close(attn(q, cache, mixed), attn(q, cache, reference), dtype)
 
     only_decodes = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size,
                                            torch.device("cpu"), use_decode_kernel=True)
-    assert only_decodes.padded is None
+    assert not only_decodes.prefills
     ref = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size, torch.device("cpu"),
                                   use_decode_kernel=False)
     _close(attn(q[:2], cache, only_decodes), attn(q[:2], cache, ref), dtype)

@@ -65,6 +65,29 @@ def test_greedy_fp32_matches_hf_token_for_token(settings, hf_greedy):
         assert sum(o.num_cached_tokens for o in outputs) >= 16 * 8
 
 
+def test_greedy_fp32_matches_hf_with_compiled_decode_graphs(hf_greedy):
+    """Decode steps through torch.compile'd graphs, padded to batch-size buckets."""
+    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_space=0.1, max_num_seqs=8,
+              compilation_config={"level": 3, "cudagraph_capture_sizes": [2, 8]})
+    assert _generate(llm) == hf_greedy
+    compiled = llm.llm_engine.executor.worker.runner.compiled
+    assert set(compiled.graphs) <= {2, 8} and compiled.bucket_steps.get(8, 0) >= MAX_TOKENS - 2
+
+
+@pytest.mark.parametrize("switch", ["no-fused-decode", "no-cpu-kernels"])
+def test_greedy_fp32_matches_hf_without_the_speed_kernels(switch, hf_greedy, monkeypatch):
+    """The fallbacks compute the same thing: layer by layer, and pure torch (as without a compiler)."""
+    from plexus import kernels
+
+    if switch == "no-fused-decode":
+        monkeypatch.setenv("PLEXUS_FUSED_DECODE", "0")
+    else:
+        monkeypatch.setattr(kernels, "_loaded", False)
+        monkeypatch.setattr(kernels, "_fast_linear", False)
+    llm = LLM(dtype="float32", max_model_len=1024, kv_cache_space=0.1)
+    assert _generate(llm) == hf_greedy
+
+
 def test_greedy_fp32_matches_hf_when_the_kv_cache_forces_preemption(hf_greedy):
     # 24 blocks of 16 tokens: the longest request alone needs 12, all eight together far more.
     llm = LLM(dtype="float32", max_model_len=1024, num_gpu_blocks_override=24, max_num_batched_tokens=64)

@@ -69,19 +69,22 @@ def test_third_party_platform_is_discovered_and_used(third_party_platform):
     assert resolve_platform("auto").name != "acme"
 
 
-def test_auto_dtype_prefers_bf16_on_cpus_with_bf16_and_never_fp16(monkeypatch):
+@pytest.mark.parametrize("checkpoint", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_prefers_bf16_on_cpus_with_bf16_and_never_fp16(monkeypatch, checkpoint, has_bf16, expected):
     from plexus.platforms import cpu
 
     class _Model:
-        dtype = torch.float16
+        dtype = checkpoint
+        dtype_is_auto = True
 
     class _Config:
         model = _Model()
 
-    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: has_bf16)
     cpu.CpuPlatform().check_and_update_config(_Config)
-    assert _Config.model.dtype == torch.bfloat16
-    _Config.model.dtype = torch.float16
-    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
+    assert _Config.model.dtype == expected
+    # An explicit dtype is kept, except fp16, which no CPU here runs at a usable speed.
+    _Config.model.dtype_is_auto, _Config.model.dtype = False, checkpoint
     cpu.CpuPlatform().check_and_update_config(_Config)
-    assert _Config.model.dtype == torch.float32
+    assert _Config.model.dtype == (expected if checkpoint == torch.float16 else checkpoint)

@@ -281,9 +281,18 @@ def test_logprobs_are_those_of_the_raw_model_distribution():
 
 def test_greedy_token_has_rank_one():
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(9))
-    out = Sampler()(logits, build([SamplingParams(temperature=0.0)] * 4, 30))
+    out = Sampler()(logits, build([SamplingParams(temperature=0.0, logprobs=0)] * 4, 30))
     assert out.sampled_ranks.tolist() == [1, 1, 1, 1]
     assert out.topk_token_ids is None and out.topk_logprobs is None
+
+
+def test_without_logprobs_only_the_sampled_logprob_is_computed():
+    """The fast path (no [N, V] log_softmax, no ranks) reports the same sampled logprob."""
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(9))
+    out = Sampler()(logits, build([SamplingParams(temperature=0.0)] * 4, 30))
+    reference = torch.log_softmax(logits, dim=-1)
+    assert out.sampled_ranks is None and out.topk_token_ids is None
+    torch.testing.assert_close(out.sampled_logprobs, reference[torch.arange(4), logits.argmax(-1)])
 
 
 def test_logprobs_minus_one_returns_the_whole_vocabulary():

@@ -25,21 +25,23 @@ def power_of_two_buckets(max_size: int, min_size: int = 1) -> list[int]:
     return sizes
 
 
-def validate_buckets(buckets: Iterable[int], name: str, max_value: int | None = None) -> list[int]:
+def validate_buckets(buckets: Iterable[int], name: str, max_value: int | None = None,
+                     max_name: str = "the maximum allowed here") -> list[int]:
     """Sorted, de-duplicated positive buckets, or a ValueError naming `name` and what is allowed."""
     out = []
     for b in buckets:
         if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
             raise ValueError(f"{name}: bucket {b!r} is not a positive integer")
         if max_value is not None and b > max_value:
-            raise ValueError(f"{name}: bucket {b} is larger than the maximum allowed here ({max_value})")
+            raise ValueError(f"{name}: bucket {b} is larger than {max_name} ({max_value})")
         out.append(b)
     if not out:
         raise ValueError(f"{name}: at least one bucket is needed")
     return sorted(set(out))
 
 
-def parse_buckets(text: str, name: str, max_value: int | None = None) -> list[int]:
+def parse_buckets(text: str, name: str, max_value: int | None = None,
+                  max_name: str = "the maximum allowed here") -> list[int]:
     """Comma-separated positive integers (an environment variable's value) -> sorted buckets."""
     values = []
     for part in text.split(","):
@@ -49,7 +51,7 @@ def parse_buckets(text: str, name: str, max_value: int | None = None) -> list[in
         except ValueError:
             raise ValueError(f"{name}={text!r}: {part!r} is not an integer; "
                              f"expected comma-separated positive integers, e.g. 128,512,1024") from None
-    return validate_buckets(values, name, max_value)
+    return validate_buckets(values, name, max_value, max_name)
 
 
 def pick_bucket(size: int, buckets: Sequence[int]) -> int | None:

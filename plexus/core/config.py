@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -38,6 +38,7 @@ class ModelConfig:
     max_logprobs: int
     generation_config: dict
     served_model_name: str
+    dtype_is_auto: bool = False      # dtype="auto": the platform may pick what it runs fastest
 
     @property
     def vocab_size(self) -> int:
@@ -89,6 +90,39 @@ class ParallelConfig:
 
 
 @dataclass
+class CompilationConfig:
+    """vLLM's compilation_config, as far as it means something here. level 0: eager (on CPU the fused C++
+    decode step already removes the per-op Python); level 3: decode steps run through torch.compile'd graphs
+    with static shapes, one per batch-size bucket (cudagraph_capture_sizes), padded up with plexus.core.buckets."""
+    level: int = 0
+    cudagraph_capture_sizes: list[int] = field(default_factory=list)
+
+    KEYS: ClassVar[tuple[str, ...]] = ("level", "cudagraph_capture_sizes")
+
+    @classmethod
+    def parse(cls, value: Any, enforce_eager: bool, max_num_seqs: int) -> CompilationConfig:
+        from plexus.core import buckets
+
+        if value is None:
+            value = {}
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = {"level": value}
+        elif not isinstance(value, dict):
+            raise ValueError(f"compilation_config must be an int level or a dict, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(cls.KEYS))
+        if unknown:
+            raise ValueError(f"compilation_config: unknown keys {unknown}; supported: {', '.join(cls.KEYS)}")
+        level = value.get("level", 0)
+        if level not in (0, 1, 2, 3):
+            raise ValueError(f"compilation_config level must be 0, 1, 2 or 3, got {level!r}")
+        sizes = value.get("cudagraph_capture_sizes")
+        sizes = (buckets.power_of_two_buckets(max_num_seqs) if sizes is None else
+                 buckets.validate_buckets(sizes, "compilation_config.cudagraph_capture_sizes",
+                                          max_value=max_num_seqs, max_name="max_num_seqs"))
+        return cls(level=0 if enforce_eager else level, cudagraph_capture_sizes=sizes)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -97,6 +131,7 @@ class EngineConfig:
     platform: Platform
     quantization: str | None
     enforce_eager: bool
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)
     extra: dict = field(default_factory=dict)   # platform-specific settings (e.g. override_neuron_config)
 
 
@@ -127,6 +162,7 @@ class EngineArgs:
     swap_space: float = 4
     cpu_offload_gb: float = 0
     enforce_eager: bool = False
+    compilation_config: int | dict | None = None
     max_seq_len_to_capture: int = 8192
     disable_log_stats: bool = True
     max_logprobs: int = 20
@@ -159,7 +195,7 @@ class EngineArgs:
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool",):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            elif f.type == "dict | None":
+            elif "dict" in f.type:
                 continue
             else:
                 kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
@@ -207,7 +243,8 @@ class EngineArgs:
                 dtype=_parse_dtype(self.dtype, hf_config), max_model_len=max_model_len,
                 seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
                 generation_config=generation_config,
-                served_model_name=self.served_model_name or self.model or loader.BUNDLED_MODEL_NAME),
+                served_model_name=self.served_model_name or self.model or loader.BUNDLED_MODEL_NAME,
+                dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto"),
             cache=CacheConfig(
                 block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_space=self.kv_cache_space, gpu_memory_utilization=self.gpu_memory_utilization,
@@ -217,6 +254,7 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             platform=platform, quantization=self.quantization, enforce_eager=self.enforce_eager,
+            compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs),
             extra={"override_neuron_config": self.override_neuron_config or {}},
         )
         platform.check_and_update_config(config)

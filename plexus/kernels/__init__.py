@@ -90,20 +90,38 @@ def fast_linear_available() -> bool:
     return _fast_linear
 
 
-# Up to this many rows the hand-written GEMV beats oneDNN (measured in docs/performance.md).
-FAST_LINEAR_MAX_ROWS = 16
+# The hand-written GEMV serves up to this many rows; above, oneDNN with prepacked weights is faster, and
+# without prepacked weights the GEMV still beats F.linear up to FAST_LINEAR_MAX_ROWS_UNPACKED
+# (both measured in docs/performance.md).
+FAST_LINEAR_MAX_ROWS = 4
+FAST_LINEAR_MAX_ROWS_UNPACKED = 16
+PACK_BATCH_HINT = 64
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] in oneDNN's blocked layout, for linear() on more rows than the GEMV serves."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x @ weight.T + bias over the last dim of x; out_dtype float32 keeps the fp32 accumulators."""
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias over the last dim of x. packed: pack_weight(weight), where kept."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= FAST_LINEAR_MAX_ROWS
+    max_rows = FAST_LINEAR_MAX_ROWS if packed is not None else FAST_LINEAR_MAX_ROWS_UNPACKED
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= max_rows
             and x.device.type == "cpu" and fast_linear_available()):
-        out = torch.ops.plexus.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, out_dtype == torch.float32)
+        out = torch.ops.plexus.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, False)
         return out.view(*x.shape[:-1], weight.shape[0])
-    out = F.linear(x, weight, bias)
-    return out if out_dtype is None else out.to(out_dtype)
+    if packed is not None and rows > 0:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def linear_module(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, layer.weight, layer.bias, getattr(layer, "packed_weight", None))
 
 
 def fused_decode_available(hidden: torch.Tensor, kv_caches: list[torch.Tensor]) -> bool:

@@ -31,10 +31,10 @@ class LlamaAttention(nn.Module):
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = kernels.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = kernels.linear_module(self.qkv_proj, x)
         q = self.rotary.apply_and_cache(positions, qkv, kv_cache, meta.slot_mapping,
                                         self.num_heads, self.num_kv_heads, self.head_dim)
-        return kernels.linear(self.attn(q, kv_cache, meta), self.o_proj.weight, self.o_proj.bias)
+        return kernels.linear_module(self.o_proj, self.attn(q, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -48,8 +48,8 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act={cfg.hidden_act!r} is not supported; the Llama family uses 'silu'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = kernels.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        return kernels.linear(kernels.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
+        gate_up = kernels.linear_module(self.gate_up_proj, x)
+        return kernels.linear_module(self.down_proj, kernels.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -90,9 +90,10 @@ class LlamaForCausalLM(nn.Module):
         self._decode_weights: list[torch.Tensor | None] | None = None   # for the fused decode kernel
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, fused: bool = True) -> torch.Tensor:
+        """fused=False keeps the layer-by-layer ops (what torch.compile traces for compiled decode graphs)."""
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
-        if meta.padded is None and kernels.fused_decode_available(hidden, kv_caches):
+        if fused and not meta.prefills and kernels.fused_decode_available(hidden, kv_caches):
             return self._fused_decode(hidden, positions, kv_caches, meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
@@ -101,20 +102,25 @@ class LlamaForCausalLM(nn.Module):
     def _fused_decode(self, hidden, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """All layers of a step of one-token sequences in one C++ call (plexus/kernels/cpu/ops.cpp)."""
         if self._decode_weights is None:
-            self._decode_weights = [t for layer in self.layers for t in (
-                layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight, layer.self_attn.qkv_proj.bias,
-                layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, layer.post_attention_layernorm.weight,
-                layer.mlp.gate_up_proj.weight, layer.mlp.gate_up_proj.bias,
-                layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)]
+            self._decode_weights = []
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                self._decode_weights.append(layer.input_layernorm.weight)
+                for linear in (attn.qkv_proj, attn.o_proj):
+                    self._decode_weights += [linear.weight, linear.bias, getattr(linear, "packed_weight", None)]
+                self._decode_weights.append(layer.post_attention_layernorm.weight)
+                for linear in (mlp.gate_up_proj, mlp.down_proj):
+                    self._decode_weights += [linear.weight, linear.bias, getattr(linear, "packed_weight", None)]
         attn = self.layers[0].self_attn
         return torch.ops.plexus.llama_decode_layers(
             hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
             self.rotary.cos, self.rotary.sin, kv_caches, self._decode_weights, self.norm.weight, self.norm.eps,
-            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale, kernels.FAST_LINEAR_MAX_ROWS)
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale,
+            kernels.FAST_LINEAR_MAX_ROWS, kernels.FAST_LINEAR_MAX_ROWS_UNPACKED)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return kernels.linear(hidden, weight).float()  # [N, vocab], rounded to the model dtype as in HF
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return kernels.linear(hidden, head.weight, None, getattr(head, "packed_weight", None)).float()  # [N, vocab], rounded to the model dtype as in HF
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

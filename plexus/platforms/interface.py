@@ -52,6 +52,10 @@ class Platform:
         """Give a model built on the meta device real (uninitialized) storage on this device."""
         return model.to_empty(device=self.device_type)
 
+    def finalize_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """After the weights are loaded: device-specific layouts (e.g. prepacked matmul weights)."""
+        return model
+
     def make_worker(self, config: EngineConfig, rank: int = 0) -> Worker:
         """The worker that owns the model and the KV cache on this device."""
         from plexus.worker.worker import Worker

@@ -11,6 +11,7 @@ from plexus.core.request import Request
 from plexus.core.sampler import Sampler, SamplingMetadata, uses_penalties
 from plexus.core.scheduler import SchedulerOutput
 from plexus.models.layers.attention import AttentionMetadata
+from plexus.worker.compiled_decode import CompiledDecode
 
 
 @dataclass
@@ -18,7 +19,7 @@ class TokenLogprobs:
     """The chosen token's logprob and rank, and the top-k alternatives, for one position."""
     token_id: int
     logprob: float
-    rank: int
+    rank: int | None      # None when the request asked for no logprobs
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
 
@@ -41,7 +42,8 @@ def _token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model, kv_caches: list[torch.Tensor], device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, model, kv_caches: list[torch.Tensor], device: torch.device,
+                 scratch_block: int) -> None:
         self.config = config
         self.model = model
         self.kv_caches = kv_caches
@@ -49,6 +51,12 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = config.model.vocab_size
         self.sampler = Sampler()
+        self.compiled: CompiledDecode | None = None
+        if config.compilation.level >= 3:
+            self.compiled = CompiledDecode(
+                model, kv_caches, config.compilation.cudagraph_capture_sizes,
+                max_blocks=-(-config.model.max_model_len // self.block_size), scratch_block=scratch_block,
+                block_size=self.block_size)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, default_generator: torch.Generator | None) -> ModelRunnerOutput:
@@ -60,8 +68,12 @@ class ModelRunner:
             seq_lens=[s.start + s.num_tokens for s in out.scheduled],
             block_ids=[s.request.block_ids for s in out.scheduled],
             block_size=self.block_size, device=self.device)
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
-                            meta.positions, self.kv_caches, meta)  # [T, hidden]
+        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        bucket = self.compiled.bucket_for(meta) if self.compiled is not None else None
+        if bucket is not None:
+            hidden = self.compiled(input_ids_t, meta, bucket)
+        else:
+            hidden = self.model(input_ids_t, meta.positions, self.kv_caches, meta)  # [T, hidden]
 
         result = ModelRunnerOutput()
         sample_rows: list[int] = []
@@ -100,7 +112,7 @@ class ModelRunner:
         sampled = self.sampler(logits, metadata, default_generator)
         tokens = sampled.sampled_token_ids.tolist()
         lps = sampled.sampled_logprobs.tolist()
-        ranks = sampled.sampled_ranks.tolist()
+        ranks = sampled.sampled_ranks.tolist() if sampled.sampled_ranks is not None else [None] * len(tokens)
         for i, r in enumerate(requests):
             k = r.sampling_params.logprobs or 0
             if k < 0:

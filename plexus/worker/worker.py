@@ -24,7 +24,7 @@ def build_model(config: EngineConfig, platform, attn_backend: type) -> torch.nn.
         model = model_cls(hf_config, attn_backend, config.model.max_model_len)
     model = platform.materialize(model.to(dtype=config.model.dtype))
     model.load_weights(loader.iterate_weights(config.model.model_dir))
-    return model.eval()
+    return platform.finalize_model(model).eval()
 
 
 class Worker:
@@ -38,10 +38,11 @@ class Worker:
         self.num_blocks = self._num_kv_blocks()
         config.cache.num_blocks = self.num_blocks
         m = config.model
-        # One tensor per layer: [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim].
-        shape = (2, self.num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
+        # One tensor per layer: [2 (k, v), num_blocks + 1, block_size, num_kv_heads, head_dim]. The extra
+        # block, never handed to the block manager, is scratch for padding rows of compiled graphs.
+        shape = (2, self.num_blocks + 1, config.cache.block_size, m.num_kv_heads, m.head_dim)
         self.kv_caches = [platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
-        self.runner = ModelRunner(config, self.model, self.kv_caches, self.device)
+        self.runner = ModelRunner(config, self.model, self.kv_caches, self.device, scratch_block=self.num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, config.cache.block_size,
                     self.num_blocks * config.cache.block_size)
 

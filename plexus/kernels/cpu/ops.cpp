@@ -7,11 +7,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -185,25 +187,13 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
 }
 
 // ---------------------------------------------------------------------------
-// silu(gate) * up over [T, 2I] -> [T, I], each product rounded like HF's.
+// silu(gate) * up over [T, 2I] -> [T, I], rounded like HF's: silu to the dtype, then the product.
 // ---------------------------------------------------------------------------
 at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.size(1) % 2 == 0, "silu_and_mul: [T, 2I] contiguous");
-  const int64_t T = x.size(0), I = x.size(1) / 2;
-  at::Tensor y = at::empty({T, I}, x.options());
-  PLEXUS_DISPATCH(x.scalar_type(), "silu_and_mul", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, T * I, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t t = i / I, j = i % I;
-        const float g = to_f(xp[t * 2 * I + j]);
-        const float s = to_f(from_f<scalar_t>(g / (1.f + std::exp(-g))));
-        yp[i] = from_f<scalar_t>(s * to_f(xp[t * 2 * I + I + j]));
-      }
-    });
-  });
-  return y;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "silu_and_mul: [T, 2I]");
+  // ATen's own vectorized silu and mul (a scalar exp loop here was ~10x slower).
+  const int64_t I = x.size(1) / 2;
+  return at::silu(x.narrow(1, 0, I)).mul_(x.narrow(1, I, I));
 }
 
 // ---------------------------------------------------------------------------
@@ -292,6 +282,101 @@ inline void axpy(float a, const T* v, float* out, int64_t D) {
   for (int64_t i = 0; i < D; ++i) out[i] += a * to_f(v[i]);
 }
 
+#if defined(__AVX512BF16__)
+// exp for x <= 0 (softmax after subtracting the max): 2^n * p(r), |rel. error| < 2e-7.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int kMaxGroup = 8;   // query heads per kv head on the fast path
+
+// One (sequence, kv head) of bf16 decode attention, D = 32 * DC: scores with dpbf16 (q and k as the
+// model holds them, fp32 sums), a vectorized softmax, then p * v accumulated in fp32 registers.
+template <int DC>
+void attend_bf16(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t len,
+                 int64_t block_size, int64_t Hkv, int64_t h, int64_t G, float scale, float* scores, bf16* out) {
+  constexpr int64_t D = 32 * DC;
+  __m512i qv[kMaxGroup][DC];
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < DC; ++c) qv[g][c] = _mm512_loadu_si512(q + g * D + 32 * c);
+  float mx[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
+  for (int64_t t = 0; t < len; ++t) {
+    const bf16* k = kc + ((table[t / block_size] * block_size + t % block_size) * Hkv + h) * D;
+    __m512i kv[DC];
+    for (int c = 0; c < DC; ++c) kv[c] = _mm512_loadu_si512(k + 32 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < DC; ++c) acc = _mm512_dpbf16_ps(acc, as_bh(qv[g][c]), as_bh(kv[c]));
+      const float sc = _mm512_reduce_add_ps(acc) * scale;
+      scores[g * len + t] = sc;
+      mx[g] = std::max(mx[g], sc);
+    }
+  }
+  float denom[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = scores + g * len;
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx[g]);
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + t), m));
+      _mm512_storeu_ps(row + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (t < len) {
+      const __mmask16 mask = (__mmask16)((1u << (len - t)) - 1);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + t), m));
+      _mm512_mask_storeu_ps(row + t, mask, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+    }
+    denom[g] = _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[kMaxGroup][2 * DC];
+  for (int64_t g = 0; g < G; ++g)
+    for (int j = 0; j < 2 * DC; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const bf16* v = vc + ((table[t / block_size] * block_size + t % block_size) * Hkv + h) * D;
+    __m512 vf[2 * DC];
+    for (int j = 0; j < 2 * DC; ++j) vf[j] = load16(v + 16 * j);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 pv = _mm512_set1_ps(scores[g * len + t]);
+      for (int j = 0; j < 2 * DC; ++j) acc[g][j] = _mm512_fmadd_ps(pv, vf[j], acc[g][j]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(1.f / denom[g]);
+    for (int j = 0; j < 2 * DC; ++j) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[g][j], inv));
+      for (int d = 0; d < 16; ++d) out[g * D + 16 * j + d] = bf16(tmp[d]);
+    }
+  }
+}
+
+bool attend_bf16_fast(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t len,
+                      int64_t block_size, int64_t Hkv, int64_t h, int64_t G, int64_t D, float scale,
+                      std::vector<float>& scores, bf16* out) {
+  if (G > kMaxGroup || (D != 64 && D != 128)) return false;
+  scores.resize(G * len);
+  if (D == 64) attend_bf16<2>(q, kc, vc, table, len, block_size, Hkv, h, G, scale, scores.data(), out);
+  else attend_bf16<4>(q, kc, vc, table, len, block_size, Hkv, h, G, scale, scores.data(), out);
+  return true;
+}
+#endif
+
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale) {
   // q: [B, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]; seq_lens: [B]
@@ -319,6 +404,15 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cach
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / Hkv, h = i % Hkv, len = lp[b];
         const int64_t* table = tp + b * max_blocks;
+#if defined(__AVX512BF16__)
+        // (the casts are no-ops: this branch only runs when scalar_t is bf16)
+        if (std::is_same_v<scalar_t, bf16> &&
+            attend_bf16_fast(reinterpret_cast<const bf16*>(qp) + (b * Hq + h * G) * D,
+                             reinterpret_cast<const bf16*>(kc), reinterpret_cast<const bf16*>(vc), table, len,
+                             block_size, Hkv, h, G, D, static_cast<float>(scale), scores,
+                             reinterpret_cast<bf16*>(op) + (b * Hq + h * G) * D))
+          continue;
+#endif
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qp[(b * Hq + h * G + g) * D + d]) * scale;
         scores.resize(G * len);
@@ -357,33 +451,47 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cach
 // Every decoder layer of a Llama-family model for a step of single-token
 // sequences, in one call: the same ops as LlamaDecoderLayer.forward, minus
 // the Python between them (about a quarter of a batch-1 step in eager mode).
-// weights: 10 per layer: input norm, qkv (+bias), o (+bias), post-attention
-// norm, gate_up (+bias), down (+bias); absent biases are None.
+// weights: 14 per layer: input norm; qkv weight, bias, packed; o weight, bias,
+// packed; post-attention norm; gate_up and down likewise. Absent biases and
+// packed weights (kernels.pack_weight) are None.
 // ---------------------------------------------------------------------------
 at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                                const at::Tensor& sin, at::TensorList kv_caches,
                                const c10::List<c10::optional<at::Tensor>>& weights, const at::Tensor& final_norm,
                                double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
-                               int64_t fast_linear_max_rows) {
-  const bool fast = has_fast_linear() && hidden.scalar_type() == at::kBFloat16 && hidden.size(0) <= fast_linear_max_rows;
-  auto lin = [&](const at::Tensor& x, const c10::optional<at::Tensor>& wt, const c10::optional<at::Tensor>& b) {
-    return fast ? linear_bf16(x, *wt, b, false) : at::linear(x, *wt, b);
+                               int64_t fast_rows_packed, int64_t fast_rows_unpacked) {
+  const int64_t rows = hidden.size(0);
+  const bool bf16_gemv = has_fast_linear() && hidden.scalar_type() == at::kBFloat16;
+  static auto packed_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  // The same choice as plexus.kernels.linear: GEMV for few rows, else oneDNN on prepacked weights, else ATen.
+  auto lin = [&](const at::Tensor& x, const c10::optional<at::Tensor>& wt, const c10::optional<at::Tensor>& b,
+                 const c10::optional<at::Tensor>& packed) -> at::Tensor {
+    if (bf16_gemv && rows <= (packed.has_value() ? fast_rows_packed : fast_rows_unpacked))
+      return linear_bf16(x, *wt, b, false);
+    if (packed.has_value()) {
+      torch::jit::Stack stack{x, *packed, b, c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<at::Scalar>>()),
+                              c10::IValue(std::string(""))};
+      packed_linear.callBoxed(&stack);
+      return stack[0].toTensor();
+    }
+    return at::linear(x, *wt, b);
   };
   const int64_t L = static_cast<int64_t>(kv_caches.size());
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * L, "llama_decode_layers: 10 weights per layer");
-  auto w = [&](int64_t l, int i) -> c10::optional<at::Tensor> { return weights.get(10 * l + i); };
+  constexpr int kPerLayer = 14;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kPerLayer * L, "llama_decode_layers: 14 weights per layer");
+  auto w = [&](int64_t l, int i) -> c10::optional<at::Tensor> { return weights.get(kPerLayer * l + i); };
   const int64_t B = hidden.size(0);
   at::Tensor residual = hidden.clone();
   at::Tensor h;
   for (int64_t l = 0; l < L; ++l) {
     h = l == 0 ? rms_norm(residual, *w(l, 0), eps) : add_rms_norm(h, residual, *w(l, 0), eps);
-    at::Tensor qkv = lin(h, w(l, 1), w(l, 2));
+    at::Tensor qkv = lin(h, w(l, 1), w(l, 2), w(l, 3));
     at::Tensor q = rope_and_cache(qkv, positions, cos, sin, kv_caches[l], slot_mapping, num_heads, num_kv_heads,
                                   head_dim);
     at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale).view({B, -1});
-    h = add_rms_norm(lin(attn, w(l, 3), w(l, 4)), residual, *w(l, 5), eps);
-    h = lin(silu_and_mul(lin(h, w(l, 6), w(l, 7))), w(l, 8), w(l, 9));
+    h = add_rms_norm(lin(attn, w(l, 4), w(l, 5), w(l, 6)), residual, *w(l, 7), eps);
+    h = lin(silu_and_mul(lin(h, w(l, 8), w(l, 9), w(l, 10))), w(l, 11), w(l, 12), w(l, 13));
   }
   return add_rms_norm(h, residual, final_norm, eps);
 }
@@ -401,7 +509,8 @@ TORCH_LIBRARY(plexus, m) {
   m.def("paged_attention_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("llama_decode_layers(Tensor hidden, Tensor positions, Tensor slot_mapping, Tensor block_tables, "
         "Tensor seq_lens, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor?[] weights, Tensor final_norm, "
-        "float eps, int num_heads, int num_kv_heads, int head_dim, float scale, int fast_linear_max_rows) -> Tensor");
+        "float eps, int num_heads, int num_kv_heads, int head_dim, float scale, int fast_rows_packed, "
+        "int fast_rows_unpacked) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
@@ -413,5 +522,8 @@ TORCH_LIBRARY_IMPL(plexus, CPU, m) {
   m.impl("paged_attention_decode", paged_attention_decode);
   m.impl("llama_decode_layers", llama_decode_layers);
 }
+
+// The prepacked weights it takes are oneDNN tensors, which dispatch under their own key.
+TORCH_LIBRARY_IMPL(plexus, MkldnnCPU, m) { m.impl("llama_decode_layers", llama_decode_layers); }
 
 }  // namespace plexus

@@ -4,10 +4,10 @@ Keys and values live in blocks of the cache; each request's block table
 lists its blocks in order. Per step, the metadata below is built once and
 shared by every layer. Sequences with a single new token (decodes, and
 one-token prefill chunks) go to a decode kernel that reads keys and values
-straight through the block table; the others are padded into one batch,
-their keys gathered through the block tables, and run through SDPA with a
-mask that keeps each query to the positions at or before its own. Without
-the CPU kernels every sequence takes the SDPA path."""
+straight through the block table (without the CPU kernels: a batched SDPA
+over keys gathered through the block tables, masked to each length). Longer
+chunks run one SDPA call each over their own keys, causal from their first
+new token, so no query is padded to another sequence's length."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,22 +20,23 @@ from plexus import kernels
 
 
 @dataclass
-class _PaddedGroup:
-    """Sequences run through SDPA, their queries padded to the longest."""
-    tokens: torch.Tensor | None    # [Tp] which of the step's T tokens belong here; None = all, in order
-    block_tables: torch.Tensor     # [S, max_blocks]
-    query_index: torch.Tensor      # [S, max_q] index into the group's tokens (Tp = a zero pad row)
-    output_index: torch.Tensor     # [Tp] where each token sits in the flattened [S * max_q]
-    mask: torch.Tensor             # [S, 1, max_q, max_seq_len] True where a query may attend
-    max_seq_len: int
+class _DecodeGroup:
+    """Sequences with one new token."""
+    tokens: torch.Tensor | None    # [B] which of the step's T tokens; None = all, in order
+    block_tables: torch.Tensor     # [B, max_blocks]
+    seq_lens: torch.Tensor         # [B]
+    mask: torch.Tensor | None      # [B, 1, 1, max_seq_len] for the torch path; None with the kernel
 
 
 @dataclass
-class _DecodeGroup:
-    """Sequences with one new token, for the paged decode kernel."""
-    tokens: torch.Tensor | None    # [Bd] which of the step's T tokens; None = all, in order
-    block_tables: torch.Tensor     # [Bd, max_blocks]
-    seq_lens: torch.Tensor         # [Bd]
+class _PrefillChunk:
+    """One sequence's chunk of several new tokens: tokens start..start+q_len of the step, the last
+    q_len of its seq_len positions."""
+    start: int
+    q_len: int
+    seq_len: int
+    block_ids: torch.Tensor        # [ceil(seq_len / block_size)]
+    mask: torch.Tensor | None      # [q_len, seq_len] when earlier positions are cached; None = plain causal
 
 
 @dataclass
@@ -44,7 +45,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor     # [T] cache slot of each new token
     num_tokens: int
     decode: _DecodeGroup | None
-    padded: _PaddedGroup | None
+    prefills: list[_PrefillChunk]
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]],
@@ -67,41 +68,26 @@ class AttentionMetadata:
         slots = tables[seq_of_token, pos // block_size] * block_size + pos % block_size
         positions = torch.from_numpy(pos)
 
-        is_decode = (q_lens == 1) if use_decode_kernel else np.zeros(len(q_lens), dtype=bool)
-        decode = padded = None
+        is_decode = q_lens == 1
+        decode = None
         if is_decode.any():
-            everything = bool(is_decode.all())
+            tables_d = torch.from_numpy(np.ascontiguousarray(tables[is_decode])).to(device)
+            lens_d = s_lens[is_decode]
+            mask = None if use_decode_kernel else torch.from_numpy(
+                np.arange(int(lens_d.max()))[None, None, None, :] < lens_d[:, None, None, None]).to(device)
             decode = _DecodeGroup(
-                tokens=None if everything else torch.from_numpy(starts[is_decode]).to(device),
-                block_tables=torch.from_numpy(tables[is_decode]).to(device),
-                seq_lens=torch.from_numpy(s_lens[is_decode]).to(device))
-        if not is_decode.all():
-            padded = _build_padded(q_lens[~is_decode], s_lens[~is_decode], starts[~is_decode], tables[~is_decode],
-                                   positions, block_size, device, everything=not is_decode.any())
-        return cls(positions=positions.to(device), slot_mapping=torch.from_numpy(slots).to(device), num_tokens=num_tokens, decode=decode,
-                   padded=padded)
-
-
-def _build_padded(q_lens: np.ndarray, s_lens: np.ndarray, starts: np.ndarray, tables: np.ndarray,
-                  positions: torch.Tensor, block_size: int, device: torch.device, everything: bool) -> _PaddedGroup:
-    num_seqs, max_q, max_seq_len = len(q_lens), int(q_lens.max()), int(s_lens.max())
-    tables = tables[:, :-(-max_seq_len // block_size)]
-    group_tokens = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, q_lens)])
-    local_starts = np.cumsum(q_lens) - q_lens
-    offsets = np.arange(max_q)
-    valid = offsets[None, :] < q_lens[:, None]                                  # [S, max_q]
-    query_index = np.where(valid, local_starts[:, None] + offsets[None, :], len(group_tokens))
-    output_index = (np.arange(num_seqs)[:, None] * max_q + offsets[None, :])[valid]
-    # Positions of the padded queries; pad rows look at position 0 so no row is fully masked.
-    q_pos = np.concatenate([positions.numpy()[group_tokens], [0]])[query_index]  # [S, max_q]
-    mask = np.arange(max_seq_len)[None, None, :] <= q_pos[:, :, None]
-    return _PaddedGroup(
-        tokens=None if everything else torch.from_numpy(group_tokens).to(device),
-        block_tables=torch.from_numpy(np.ascontiguousarray(tables)).to(device),
-        query_index=torch.from_numpy(query_index).to(device),
-        output_index=torch.from_numpy(output_index).to(device),
-        mask=torch.from_numpy(mask[:, None]).to(device),
-        max_seq_len=max_seq_len)
+                tokens=None if is_decode.all() else torch.from_numpy(starts[is_decode]).to(device),
+                block_tables=tables_d, seq_lens=torch.from_numpy(lens_d).to(device), mask=mask)
+        prefills = []
+        for i in np.flatnonzero(~is_decode):
+            q_len, seq_len = int(q_lens[i]), int(s_lens[i])
+            mask = None
+            if q_len < seq_len:   # earlier positions are in the cache: causal, aligned to the end
+                mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=device).tril(seq_len - q_len)
+            prefills.append(_PrefillChunk(int(starts[i]), q_len, seq_len,
+                                          torch.from_numpy(tables[i, :-(-seq_len // block_size)]).to(device), mask))
+        return cls(positions=positions.to(device), slot_mapping=torch.from_numpy(slots).to(device),
+                   num_tokens=num_tokens, decode=decode, prefills=prefills)
 
 
 class TorchPagedAttention:
@@ -118,29 +104,37 @@ class TorchPagedAttention:
 
     def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: [T, Hq, D] -> [T, Hq * D]
-        if meta.padded is None:
+        if not meta.prefills:
             return self._decode(q, kv_cache, meta.decode)
-        if meta.decode is None:
-            return self._padded(q, kv_cache, meta.padded)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
-        out[meta.decode.tokens] = self._decode(q[meta.decode.tokens], kv_cache, meta.decode)
-        out[meta.padded.tokens] = self._padded(q[meta.padded.tokens], kv_cache, meta.padded)
+        if meta.decode is not None:
+            out[meta.decode.tokens] = self._decode(q[meta.decode.tokens], kv_cache, meta.decode)
+        for chunk in meta.prefills:
+            out[chunk.start:chunk.start + chunk.q_len] = self._prefill(q[chunk.start:chunk.start + chunk.q_len],
+                                                                         kv_cache, chunk)
         return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup) -> torch.Tensor:
-        out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens, self.scale)
-        return out.view(q.shape[0], -1)
-
-    def _padded(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _PaddedGroup) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        num_seqs = group.block_tables.shape[0]
-        keys = k_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :group.max_seq_len]
-        values = v_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :group.max_seq_len]
-        q_padded = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])[group.query_index]  # [S, Q, Hq, D]
-
+        if group.mask is None:
+            out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens,
+                                                          self.scale)
+            return out.view(q.shape[0], -1)
+        num_seqs, max_len = q.shape[0], group.mask.shape[-1]
+        keys = kv_cache[0][group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :max_len]
+        values = kv_cache[1][group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :max_len]
         out = F.scaled_dot_product_attention(
-            q_padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=group.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [S, Hq, Q, D]
-        out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
-        return out[group.output_index]  # [Tp, Hq * D]
+            q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)   # [B, Hq, 1, D]
+        return out.view(num_seqs, -1)
+
+    def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, chunk: _PrefillChunk) -> torch.Tensor:
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        keys = kv_cache[0][chunk.block_ids].view(shape)[:chunk.seq_len].transpose(0, 1)     # [Hkv, S, D]
+        values = kv_cache[1][chunk.block_ids].view(shape)[:chunk.seq_len].transpose(0, 1)
+        if self.num_heads != self.num_kv_heads:   # SDPA's fused CPU kernels take equal head counts
+            group = self.num_heads // self.num_kv_heads
+            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=chunk.mask,
+            is_causal=chunk.mask is None, scale=self.scale)  # [1, Hq, Q, D]
+        return out[0].transpose(0, 1).reshape(chunk.q_len, -1)
