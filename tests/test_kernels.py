@@ -136,3 +136,13 @@ def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
     ref = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size, torch.device("cpu"),
                                   use_decode_kernel=False)
     _close(attn(q[:2], cache, only_decodes), attn(q[:2], cache, ref), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_sample_is_argmax_and_its_logprob(dtype):
+    logits = (torch.randn(5, 49152 + 7, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    logits[2, 100] = logits[2, 4000] = logits[2].max() + 1      # a tie: the first index wins, as in argmax
+    ids, logprobs = torch.ops.plexus.greedy_sample(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist() and ids[2] == 100
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from plexus import kernels
 from plexus.core.sampling_params import SAMPLING_EPS, SamplingParams
 
 
@@ -123,7 +124,11 @@ class Sampler(torch.nn.Module):
         metadata: SamplingMetadata,
         default_generator: torch.Generator | None = None,
     ) -> SamplerOutput:
-        # (torch's fused log_softmax is twice as fast as logsumexp here, even for one token per row)
+        if (metadata.all_greedy and metadata.no_penalties and not metadata.any_logprobs
+                and not any(metadata.banned_token_ids)):
+            # The common case (greedy, nothing to report but the token's logprob): one pass over the logits.
+            sampled, sampled_logprobs = kernels.greedy_sample(logits)
+            return SamplerOutput(sampled, sampled_logprobs, None, None, None)
         raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [N, V]
         # One float32 copy that the stages below may modify in place (none needed if no stage will).
         modifies = (not metadata.all_greedy or not metadata.no_penalties

@@ -79,8 +79,10 @@ def _build_and_load(verbose: bool) -> bool:
     return True
 
 
-def available(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and load()
+def available(where: torch.Tensor | torch.device | str) -> bool:
+    """Whether the C++ kernels serve tensors on this device (or this tensor's)."""
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    return device.type == "cpu" and load()
 
 
 def fast_linear_available() -> bool:
@@ -114,7 +116,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and x.device.type == "cpu" and fast_linear_available()):
         out = torch.ops.plexus.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, False)
         return out.view(*x.shape[:-1], weight.shape[0])
-    if packed is not None and rows > 0:
+    # (oneDNN's opaque packed tensors cannot be inputs of a compiled graph; inductor lowers F.linear itself)
+    if packed is not None and rows > 0 and not torch.compiler.is_compiling():
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
@@ -156,6 +159,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [N, V] logits: the argmax (int64) and its log-probability (fp32)."""
+    if available(logits) and logits.dim() == 2 and logits.stride(1) == 1 and logits.dtype in (
+            torch.float32, torch.bfloat16):
+        return torch.ops.plexus.greedy_sample(logits)
+    ids = logits.argmax(dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids[:, None])[:, 0]
+    return ids, logprobs
+
+
 def _register_fake_impls() -> None:
     """Shapes of the ops' outputs, so torch.compile can trace through them."""
     lib = torch.library
@@ -179,6 +192,11 @@ def _register_fake_impls() -> None:
     @lib.register_fake("plexus::rope_and_cache")
     def _(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
         return qkv.new_empty(qkv.shape[0], num_heads, head_dim)
+
+    @lib.register_fake("plexus::greedy_sample")
+    def _(logits):
+        n = logits.shape[0]
+        return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.float32)
 
     @lib.register_fake("plexus::llama_decode_layers")
     def _(hidden, *args):

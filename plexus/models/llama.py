@@ -120,7 +120,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return kernels.linear(hidden, head.weight, None, getattr(head, "packed_weight", None)).float()  # [N, vocab], rounded to the model dtype as in HF
+        # In the model dtype, as HF computes them; the sampler reads them in fp32.
+        return kernels.linear(hidden, head.weight, None, getattr(head, "packed_weight", None))  # [N, vocab]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())

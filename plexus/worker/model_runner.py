@@ -130,7 +130,8 @@ class ModelRunner:
         last = min(start + hidden.shape[0], request.num_prompt_tokens - 1)       # exclusive
         if last <= first:
             return
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - start:last - start]), dim=-1)
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - start:last - start]), dim=-1,
+                                     dtype=torch.float32)
         targets = torch.tensor(request.token_ids[first + 1:last + 1], device=logprobs.device)
         k = request.sampling_params.prompt_logprobs
         result.prompt_logprobs[request] = _token_logprobs(

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -448,6 +449,52 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cach
 }
 
 // ---------------------------------------------------------------------------
+// Greedy sampling in one read of the logits: per row, the first index of the
+// maximum (torch.argmax's tie rule) and its log-probability, -log(sum(exp(x - max))),
+// without materializing a [N, V] log_softmax (12 MB per step at 64 rows).
+// ---------------------------------------------------------------------------
+template <typename T>
+void greedy_row(const T* x, int64_t V, int64_t* id, float* logprob) {
+  float mx = -INFINITY;
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= V; i += 16) vmax = _mm512_max_ps(vmax, load16(x + i));
+  mx = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; i < V; ++i) mx = std::max(mx, to_f(x[i]));
+  int64_t arg = 0;
+  while (arg < V && to_f(x[arg]) != mx) ++arg;   // first maximum; all-NaN rows fall through to V
+  float sum = 0.f;
+  i = 0;
+#if defined(__AVX512BF16__)
+  __m512 vsum = _mm512_setzero_ps();
+  const __m512 vm = _mm512_set1_ps(mx);
+  for (; i + 16 <= V; i += 16) vsum = _mm512_add_ps(vsum, exp_ps(_mm512_sub_ps(load16(x + i), vm)));
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; i < V; ++i) sum += std::exp(to_f(x[i]) - mx);
+  *id = arg < V ? arg : 0;
+  *logprob = -std::log(sum);
+}
+
+std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "greedy_sample: [N, V] rows must be contiguous");
+  const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0);
+  at::Tensor ids = at::empty({N}, logits.options().dtype(at::kLong));
+  at::Tensor lps = at::empty({N}, logits.options().dtype(at::kFloat));
+  PLEXUS_DISPATCH(logits.scalar_type(), "greedy_sample", [&] {
+    const scalar_t* xp = logits.data_ptr<scalar_t>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    float* lp = lps.data_ptr<float>();
+    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) greedy_row(xp + r * ld, V, ip + r, lp + r);
+    });
+  });
+  return {ids, lps};
+}
+
+// ---------------------------------------------------------------------------
 // Every decoder layer of a Llama-family model for a step of single-token
 // sequences, in one call: the same ops as LlamaDecoderLayer.forward, minus
 // the Python between them (about a quarter of a batch-1 step in eager mode).
@@ -504,6 +551,7 @@ TORCH_LIBRARY(plexus, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("greedy_sample(Tensor logits) -> (Tensor, Tensor)");
   m.def("rope_and_cache(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) kv_cache, "
         "Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim) -> Tensor");
   m.def("paged_attention_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
@@ -518,6 +566,7 @@ TORCH_LIBRARY_IMPL(plexus, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);
+  m.impl("greedy_sample", greedy_sample);
   m.impl("rope_and_cache", rope_and_cache);
   m.impl("paged_attention_decode", paged_attention_decode);
   m.impl("llama_decode_layers", llama_decode_layers);

@@ -51,9 +51,11 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]],
               block_size: int, device: torch.device, use_decode_kernel: bool | None = None) -> AttentionMetadata:
         if use_decode_kernel is None:
-            use_decode_kernel = kernels.available(torch.empty(0, device=device))
-        q_lens = np.asarray(query_lens, dtype=np.int64)
+            use_decode_kernel = kernels.available(device)
         s_lens = np.asarray(seq_lens, dtype=np.int64)
+        if use_decode_kernel and len(query_lens) == sum(query_lens):
+            return cls._build_decode_only(s_lens, block_ids, block_size, device)
+        q_lens = np.asarray(query_lens, dtype=np.int64)
         starts = np.cumsum(q_lens) - q_lens                       # first token of each sequence in T
         num_tokens = int(q_lens.sum())
         max_blocks = -(-int(s_lens.max()) // block_size)
@@ -88,6 +90,23 @@ class AttentionMetadata:
                                           torch.from_numpy(tables[i, :-(-seq_len // block_size)]).to(device), mask))
         return cls(positions=positions.to(device), slot_mapping=torch.from_numpy(slots).to(device),
                    num_tokens=num_tokens, decode=decode, prefills=prefills)
+
+
+    @classmethod
+    def _build_decode_only(cls, s_lens: np.ndarray, block_ids: list[list[int]], block_size: int,
+                           device: torch.device) -> AttentionMetadata:
+        """The common step under load and at batch 1: one new token per sequence, all to the decode kernel."""
+        num_seqs = len(s_lens)
+        tables = np.zeros((num_seqs, -(-int(s_lens.max()) // block_size)), dtype=np.int64)
+        for i, ids in enumerate(block_ids):
+            n = min(len(ids), tables.shape[1])
+            tables[i, :n] = ids[:n]
+        pos = s_lens - 1
+        slots = tables[np.arange(num_seqs), pos // block_size] * block_size + pos % block_size
+        return cls(positions=torch.from_numpy(pos).to(device), slot_mapping=torch.from_numpy(slots).to(device),
+                   num_tokens=num_seqs, decode=_DecodeGroup(None, torch.from_numpy(tables).to(device),
+                                                            torch.from_numpy(s_lens).to(device), None),
+                   prefills=[])
 
 
 class TorchPagedAttention:
