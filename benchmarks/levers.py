@@ -66,7 +66,8 @@ def main() -> None:
         print(f"Running {name} ...", flush=True)
         rows[name] = run_isolated(measure, model_dir, env, kwargs, args.runs)
     metrics = list(next(iter(rows.values())))
-    print("\n| configuration | " + " | ".join(metrics) + " |\n|---" * (len(metrics) + 1) + "|")
+    print("\n| configuration | " + " | ".join(metrics) + " |")
+    print("|---" * (len(metrics) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[m]:.0f}" for m in metrics) + " |")
 
