@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from plexus.utils import cache_dir
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
-CACHE_DIR = pathlib.Path(os.environ.get("PLEXUS_CACHE_DIR", pathlib.Path.home() / ".cache" / "plexus")) / "bench"
+CACHE_DIR = cache_dir() / "bench"
 
 NUM_THREADS = 2          # every system runs with this many threads
 SEED = 0

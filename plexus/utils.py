@@ -1,5 +1,15 @@
-"""vLLM's ``vllm.utils.FlexibleArgumentParser``, which its examples use with EngineArgs.add_cli_args."""
+"""vLLM's ``vllm.utils.FlexibleArgumentParser``, which its examples use with EngineArgs.add_cli_args,
+and plexus's cache directory."""
 import argparse
+import os
+import pathlib
+
+
+def cache_dir() -> pathlib.Path:
+    """Where plexus keeps what it builds once (converted GGUFs, compiled kernels): $PLEXUS_CACHE_DIR,
+    else ~/.cache/plexus."""
+    env = os.environ.get("PLEXUS_CACHE_DIR")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "plexus"
 
 
 class FlexibleArgumentParser(argparse.ArgumentParser):

@@ -19,14 +19,11 @@ import pathlib
 import torch
 import torch.nn.functional as F
 
+from plexus.utils import cache_dir
+
 logger = logging.getLogger("plexus")
 
 _SOURCE = pathlib.Path(__file__).parent / "cpu" / "ops.cpp"
-
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("PLEXUS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "plexus")
-    return pathlib.Path(root) / "kernels"
 
 
 def _build_key() -> str:
@@ -63,7 +60,7 @@ def _build_and_load(verbose: bool) -> bool:
     from torch.utils import cpp_extension
 
     key = _build_key()
-    build_dir = _cache_dir() / key
+    build_dir = cache_dir() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"plexus_cpu_{key}.so").exists():
         logger.info("Building plexus CPU kernels into %s (once per machine, about a minute)", build_dir)

@@ -123,10 +123,9 @@ def convert_gguf(gguf_path, cache_root=None) -> pathlib.Path:
 
 
 def _cache_root(cache_root) -> pathlib.Path:
-    if cache_root is not None:
-        return pathlib.Path(cache_root).expanduser()
-    env = os.environ.get("PLEXUS_CACHE_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "plexus"
+    from plexus.utils import cache_dir
+
+    return pathlib.Path(cache_root).expanduser() if cache_root is not None else cache_dir()
 
 
 def _cache_key(gguf_path: pathlib.Path) -> str:

@@ -58,11 +58,7 @@ class AttentionMetadata:
         q_lens = np.asarray(query_lens, dtype=np.int64)
         starts = np.cumsum(q_lens) - q_lens                       # first token of each sequence in T
         num_tokens = int(q_lens.sum())
-        max_blocks = -(-int(s_lens.max()) // block_size)
-        tables = np.zeros((len(block_ids), max_blocks), dtype=np.int64)
-        for i, ids in enumerate(block_ids):
-            n = min(len(ids), max_blocks)
-            tables[i, :n] = ids[:n]
+        tables = _block_tables(block_ids, s_lens, block_size)
 
         # Slot of every new token: position -> (block table entry, offset in block).
         seq_of_token = np.repeat(np.arange(len(query_lens)), q_lens)
@@ -97,16 +93,22 @@ class AttentionMetadata:
                            device: torch.device) -> AttentionMetadata:
         """The common step under load and at batch 1: one new token per sequence, all to the decode kernel."""
         num_seqs = len(s_lens)
-        tables = np.zeros((num_seqs, -(-int(s_lens.max()) // block_size)), dtype=np.int64)
-        for i, ids in enumerate(block_ids):
-            n = min(len(ids), tables.shape[1])
-            tables[i, :n] = ids[:n]
+        tables = _block_tables(block_ids, s_lens, block_size)
         pos = s_lens - 1
         slots = tables[np.arange(num_seqs), pos // block_size] * block_size + pos % block_size
         return cls(positions=torch.from_numpy(pos).to(device), slot_mapping=torch.from_numpy(slots).to(device),
                    num_tokens=num_seqs, decode=_DecodeGroup(None, torch.from_numpy(tables).to(device),
                                                             torch.from_numpy(s_lens).to(device), None),
                    prefills=[])
+
+
+def _block_tables(block_ids: list[list[int]], seq_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """[S, blocks of the longest sequence] block ids, zero-padded."""
+    tables = np.zeros((len(block_ids), -(-int(seq_lens.max()) // block_size)), dtype=np.int64)
+    for i, ids in enumerate(block_ids):
+        n = min(len(ids), tables.shape[1])
+        tables[i, :n] = ids[:n]
+    return tables
 
 
 class TorchPagedAttention:
