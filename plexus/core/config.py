@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -68,7 +69,8 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    block_size: int
+    block_size: int                    # the platform's default when the user left it unset
+    block_size_explicit: bool          # whether the user set it (a platform may need its own value)
     enable_prefix_caching: bool
     kv_cache_space: float | None       # GiB, CPU-style budget
     gpu_memory_utilization: float      # fraction, accelerator-style budget
@@ -82,6 +84,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     enable_chunked_prefill: bool
     max_model_len: int
+    # Platforms with static shapes (Neuron) serve only prompts and sequences that fit their largest compiled
+    # bucket: (limit, the setting that sets it). None: max_model_len is the only limit.
+    max_prompt_len: tuple[int, str] | None = None
+    max_seq_len: tuple[int, str] | None = None
 
 
 @dataclass
@@ -132,6 +138,8 @@ class EngineConfig:
     quantization: str | None
     enforce_eager: bool
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
+    # The quantization method's settings (e.g. neuron_quant's dtype), from plexus.models.quantization.
+    quant_config: Any = None
     extra: dict = field(default_factory=dict)   # platform-specific settings (e.g. override_neuron_config)
 
 
@@ -149,7 +157,7 @@ class EngineArgs:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
-    block_size: int = 16
+    block_size: int | None = None       # None: the platform's default (16; max_model_len on Neuron)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     device: str = "auto"
@@ -211,7 +219,8 @@ class EngineArgs:
         from plexus.platforms.registry import resolve_platform
 
         self._check_ranges()
-        platform = resolve_platform(self.device)
+        extra = {"override_neuron_config": self.override_neuron_config}
+        platform = resolve_platform(self.device, extra)
         model_dir = loader.resolve_model_dir(self.model)
         hf_config = loader.load_config(model_dir)
         max_model_len = _max_model_len(hf_config, self.max_model_len)
@@ -236,6 +245,11 @@ class EngineArgs:
         if self.enable_lora:
             raise ValueError("enable_lora=True: LoRA adapters are not supported yet")
         generation_config = loader.load_generation_config(model_dir) if self.generation_config == "auto" else {}
+        quant_config = None
+        if self.quantization is not None:
+            from plexus.models.quantization import make_quant_config
+
+            quant_config = make_quant_config(self.quantization, os.environ)
         config = EngineConfig(
             model=ModelConfig(
                 model=self.model, model_dir=model_dir, tokenizer=self.tokenizer,
@@ -246,7 +260,8 @@ class EngineArgs:
                 served_model_name=self.served_model_name or self.model or loader.BUNDLED_MODEL_NAME,
                 dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto"),
             cache=CacheConfig(
-                block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
+                block_size=platform.default_block_size if self.block_size is None else self.block_size,
+                block_size_explicit=self.block_size is not None, enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_space=self.kv_cache_space, gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(
@@ -254,8 +269,9 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             platform=platform, quantization=self.quantization, enforce_eager=self.enforce_eager,
+            quant_config=quant_config,
             compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs),
-            extra={"override_neuron_config": self.override_neuron_config or {}},
+            extra=extra,
         )
         platform.check_and_update_config(config)
         return config
@@ -265,7 +281,7 @@ class EngineArgs:
             if not ok:
                 raise ValueError(message)
 
-        need(isinstance(self.block_size, int) and self.block_size >= 1,
+        need(self.block_size is None or isinstance(self.block_size, int) and self.block_size >= 1,
              f"block_size must be a positive integer, got {self.block_size!r}")
         need(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
              f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")

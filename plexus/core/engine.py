@@ -102,8 +102,7 @@ class LLMEngine:
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._validate(params, prompt_ids)
 
-        max_model_len = self.config.model.max_model_len
-        room = max_model_len - len(prompt_ids)
+        room = self._max_sequence_len(prompt_ids, params) - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         needed = self.kv_cache.blocks_needed(len(prompt_ids) + max_tokens - 1)
         if needed > self.kv_cache.num_blocks:
@@ -172,6 +171,9 @@ class LLMEngine:
         if len(prompt_ids) > max_model_len - 1:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate within "
                              f"max_model_len={max_model_len}; shorten the prompt or raise max_model_len")
+        if params.prompt_logprobs is not None and not self.config.platform.supports_prompt_logprobs:
+            raise ValueError(f"prompt_logprobs is not supported on the {self.config.platform.name} platform: its "
+                             "compiled graphs return logits for the last position only")
         max_logprobs = self.config.model.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
@@ -179,6 +181,25 @@ class LLMEngine:
                 raise ValueError(f"{name}={value} exceeds max_logprobs={max_logprobs}; raise max_logprobs")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True; use stop_token_ids")
+
+    def _max_sequence_len(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """How long this request's sequence may grow. max_tokens past max_model_len is clipped (as vLLM
+        does); past a platform's largest compiled bucket it is refused now rather than failing mid-way."""
+        limit = self.config.model.max_model_len
+        sched = self.config.scheduler
+        if sched.max_prompt_len is not None and len(prompt_ids) > sched.max_prompt_len[0]:
+            bound, setting = sched.max_prompt_len
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the largest bucket of {setting} "
+                             f"({bound}); shorten the prompt or add a larger bucket")
+        if sched.max_seq_len is not None and sched.max_seq_len[0] < limit:
+            bound, setting = sched.max_seq_len
+            wanted = len(prompt_ids) + (1 if params.max_tokens is None else params.max_tokens)
+            if wanted > bound:
+                raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                                 f"({params.max_tokens or 1}) needs {wanted} positions, more than the largest "
+                                 f"bucket of {setting} ({bound}); lower max_tokens or add a larger bucket")
+            limit = bound
+        return limit
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

@@ -22,12 +22,21 @@ class Platform:
     supported_quantizations: ClassVar[tuple[str, ...]] = ()
     supports_lora: ClassVar[bool] = False
     supports_paged_kv: ClassVar[bool] = True
+    # Whether the model returns logits for every prompt position (prompt_logprobs), not only the last.
+    supports_prompt_logprobs: ClassVar[bool] = True
+    # block_size when the user leaves it unset (vLLM's 16 on paged-KV devices).
+    default_block_size: ClassVar[int] = 16
     # Higher wins under device="auto" among the available platforms.
     auto_priority: ClassVar[int] = 0
 
     def is_available(self) -> bool:
         """Cheap: may not import heavy SDKs or touch the device."""
         raise NotImplementedError
+
+    def is_available_for(self, options: dict) -> bool:
+        """Whether an explicitly requested device can serve these engine options (e.g. Neuron's CPU
+        reference backend runs without the SDK). options: EngineConfig.extra's keys."""
+        return self.is_available()
 
     def unavailable_reason(self) -> str:
         return f"the {self.name} platform is not available on this machine"

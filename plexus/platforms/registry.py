@@ -15,7 +15,7 @@ hookimpl = pluggy.HookimplMarker("plexus")
 
 # Used only when plexus runs from a source tree that was never installed, so
 # its own entry points are not in the environment's metadata.
-_BUILTIN_MODULES = ("plexus.platforms.cpu",)
+_BUILTIN_MODULES = ("plexus.platforms.cpu", "plexus.platforms.neuron")
 
 
 class PlatformSpec:
@@ -48,9 +48,10 @@ def registered_platforms() -> dict[str, Platform]:
     return platforms
 
 
-def resolve_platform(device: str) -> Platform:
+def resolve_platform(device: str, options: dict | None = None) -> Platform:
     """``device="auto"`` picks the available platform with the highest
-    priority (neuron, then cuda, then cpu); a name picks that platform."""
+    priority (neuron, then cuda, then cpu); a name picks that platform.
+    options: the platform-specific engine options (EngineConfig.extra)."""
     platforms = registered_platforms()
     names = ", ".join(sorted(platforms))
     if device == "auto":
@@ -61,6 +62,6 @@ def resolve_platform(device: str) -> Platform:
     if device not in platforms:
         raise ValueError(f"unknown device {device!r}; registered platforms: auto, {names}")
     platform = platforms[device]
-    if not platform.is_available():
+    if not platform.is_available_for(options or {}):
         raise RuntimeError(f"device={device!r}: {platform.unavailable_reason()}")
     return platform

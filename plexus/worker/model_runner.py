@@ -89,39 +89,8 @@ class ModelRunner:
                 sampling.append(request)
         if sampling:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            self._sample(sampling, logits, default_generator, result)
+            sample_requests(self.sampler, sampling, logits, default_generator, result)
         return result
-
-    def _sample(self, requests: list[Request], logits: torch.Tensor, default_generator, result) -> None:
-        params = [r.sampling_params for r in requests]
-        banned = []
-        for r in requests:
-            p = r.sampling_params
-            if r.num_output_tokens < p.min_tokens:
-                banned.append(sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else r.eos_token_ids)))
-            else:
-                banned.append([])
-        # Token histories only matter to penalties; copying them every step would cost O(length) per token.
-        penalized = uses_penalties(params)
-        metadata = SamplingMetadata.build(
-            params=params,
-            prompt_token_ids=[r.prompt_token_ids if penalized else [] for r in requests],
-            output_token_ids=[r.output_token_ids if penalized else [] for r in requests],
-            generators=[r.generator for r in requests],
-            banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device)
-        sampled = self.sampler(logits, metadata, default_generator)
-        tokens = sampled.sampled_token_ids.tolist()
-        lps = sampled.sampled_logprobs.tolist()
-        ranks = sampled.sampled_ranks.tolist() if sampled.sampled_ranks is not None else [None] * len(tokens)
-        for i, r in enumerate(requests):
-            k = r.sampling_params.logprobs or 0
-            if k < 0:
-                k = self.vocab_size
-            entry = TokenLogprobs(tokens[i], lps[i], ranks[i])
-            if k and sampled.topk_token_ids is not None:
-                entry.top_ids = sampled.topk_token_ids[i, :k].tolist()
-                entry.top_logprobs = sampled.topk_logprobs[i, :k].tolist()
-            result.sampled[r] = entry
 
     def _prompt_logprobs(self, request: Request, start: int, hidden: torch.Tensor, result) -> None:
         """Logprobs of prompt tokens start+1 .. start+len(hidden), those still inside the prompt."""
@@ -136,3 +105,39 @@ class ModelRunner:
         k = request.sampling_params.prompt_logprobs
         result.prompt_logprobs[request] = _token_logprobs(
             logprobs, targets, self.vocab_size if k < 0 else k)
+
+
+def sample_requests(sampler: Sampler, requests: list[Request], logits: torch.Tensor, default_generator,
+                    result: ModelRunnerOutput) -> None:
+    """Sample the next token of each request from its row of logits [N, vocab] into result.sampled.
+    Shared by every platform's runner: sampling is device-agnostic torch."""
+    vocab_size = logits.shape[-1]
+    params = [r.sampling_params for r in requests]
+    banned = []
+    for r in requests:
+        p = r.sampling_params
+        if r.num_output_tokens < p.min_tokens:
+            banned.append(sorted(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else r.eos_token_ids)))
+        else:
+            banned.append([])
+    # Token histories only matter to penalties; copying them every step would cost O(length) per token.
+    penalized = uses_penalties(params)
+    metadata = SamplingMetadata.build(
+        params=params,
+        prompt_token_ids=[r.prompt_token_ids if penalized else [] for r in requests],
+        output_token_ids=[r.output_token_ids if penalized else [] for r in requests],
+        generators=[r.generator for r in requests],
+        banned_token_ids=banned, vocab_size=vocab_size, device=logits.device)
+    sampled = sampler(logits, metadata, default_generator)
+    tokens = sampled.sampled_token_ids.tolist()
+    lps = sampled.sampled_logprobs.tolist()
+    ranks = sampled.sampled_ranks.tolist() if sampled.sampled_ranks is not None else [None] * len(tokens)
+    for i, r in enumerate(requests):
+        k = r.sampling_params.logprobs or 0
+        if k < 0:
+            k = vocab_size
+        entry = TokenLogprobs(tokens[i], lps[i], ranks[i])
+        if k and sampled.topk_token_ids is not None:
+            entry.top_ids = sampled.topk_token_ids[i, :k].tolist()
+            entry.top_logprobs = sampled.topk_logprobs[i, :k].tolist()
+        result.sampled[r] = entry
