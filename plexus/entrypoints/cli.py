@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -25,6 +26,36 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _neuron_buckets(args: argparse.Namespace) -> int:
+    from plexus.core.buckets import parse_buckets
+    from plexus.platforms.neuron.advisor import advise_buckets, load_request_lengths
+
+    def current(flag: str, text: str | None, variable: str) -> list[int] | None:
+        # The flag, else the variable a Neuron deployment already sets; errors name whichever was used.
+        name = flag
+        if text is None:
+            text, name = os.environ.get(variable), variable
+        return None if text is None else parse_buckets(text, name, args.max_model_len, "--max-model-len")
+
+    requests = load_request_lengths(args.requests)
+    advice = advise_buckets(
+        requests, args.max_buckets, max_context_buckets=args.max_context_buckets,
+        max_token_gen_buckets=args.max_token_gen_buckets, multiple_of=args.multiple_of,
+        max_model_len=args.max_model_len,
+        current_context_buckets=current("--context-buckets", args.context_buckets, "NEURON_CONTEXT_LENGTH_BUCKETS"),
+        current_token_gen_buckets=current("--token-gen-buckets", args.token_gen_buckets, "NEURON_TOKEN_GEN_BUCKETS"))
+    proposed = advice.proposed
+    # The table is shell comments, so the whole output can be pasted into a shell.
+    print(f"export NEURON_CONTEXT_LENGTH_BUCKETS={','.join(map(str, proposed.context_buckets))}")
+    print(f"export NEURON_TOKEN_GEN_BUCKETS={','.join(map(str, proposed.token_gen_buckets))}")
+    print(f"# {advice.num_requests} requests; padding efficiency = real / padded tokens")
+    print(f"# {'':8} {'context':>8} {'token-gen':>10} {'unservable':>11}  buckets (context; token-gen)")
+    for label, fit in (("current", advice.current), ("proposed", advice.proposed)):
+        print(f"# {label:8} {fit.context_efficiency:>8.1%} {fit.token_gen_efficiency:>10.1%} {fit.unservable:>11}  "
+              f"{','.join(map(str, fit.context_buckets))}; {','.join(map(str, fit.token_gen_buckets))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plexus", description="plexus LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.set_defaults(func=_generate)
+
+    nb = sub.add_parser("neuron-buckets", help="propose Neuron length buckets for observed request lengths",
+                        description="Propose the NEURON_CONTEXT_LENGTH_BUCKETS and NEURON_TOKEN_GEN_BUCKETS that pad "
+                                    "the fewest tokens for the requests in a JSONL file, and compare them with the "
+                                    "current ones (the flags, else those variables, else [--max-model-len], else "
+                                    "the longest observed sequence).")
+    nb.add_argument("requests", help='JSONL, one request a line: {"prompt_len": .., "output_len": ..} or OpenAI '
+                                     'usage {"prompt_tokens": .., "completion_tokens": ..} (also under "usage")')
+    nb.add_argument("--max-buckets", type=int, default=4, help="buckets of each kind (default 4)")
+    nb.add_argument("--max-context-buckets", type=int, default=None, help="context buckets (default --max-buckets)")
+    nb.add_argument("--max-token-gen-buckets", type=int, default=None,
+                    help="token-gen buckets (default --max-buckets)")
+    nb.add_argument("--multiple-of", type=int, default=1, help="round proposed buckets up to a multiple, e.g. 64")
+    nb.add_argument("--max-model-len", type=int, default=None,
+                    help="no bucket above this; longer requests count as unservable")
+    nb.add_argument("--context-buckets", default=None,
+                    help="current context buckets, e.g. 128,512 (default $NEURON_CONTEXT_LENGTH_BUCKETS)")
+    nb.add_argument("--token-gen-buckets", default=None,
+                    help="current token-gen buckets, e.g. 128,512 (default $NEURON_TOKEN_GEN_BUCKETS)")
+    nb.set_defaults(func=_neuron_buckets)
     return parser
 
 
@@ -48,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"plexus: error: {e}", file=sys.stderr)
         return 2
 
