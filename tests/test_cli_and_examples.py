@@ -37,3 +37,19 @@ def test_llm_engine_example_runs_unchanged():
                    "--kv-cache-space", "0.05"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("finished=True") == 3
+
+
+def test_neuron_int8_example_runs_on_the_cpu_reference_backend():
+    """vLLM's Neuron int8 example with its settings (buckets 128..2048, s8, batch 8, tp 2, bf16 logits)."""
+    result = _run([sys.executable, "examples/offline_inference_neuron_int8_quantization.py", "--cpu-reference"],
+                  timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("Prompt: ")]
+    assert len(lines) == 4 and all(not line.endswith("Generated text: ''") for line in lines)
+
+
+def test_neuron_int8_example_without_a_device_says_how_to_install_the_sdk():
+    result = _run([sys.executable, "examples/offline_inference_neuron_int8_quantization.py"])
+    assert result.returncode != 0
+    assert "the Neuron platform needs the transformers-neuronx package" in result.stderr
+    assert "pip install --extra-index-url=https://pip.repos.neuron.amazonaws.com" in result.stderr

@@ -120,7 +120,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_module(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear_module(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(layer, torch.nn.Linear):   # a quantized layer (plexus.models.quantization) computes itself
+        return layer(x)
     return linear(x, layer.weight, layer.bias, getattr(layer, "packed_weight", None))
 
 

@@ -88,12 +88,15 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._decode_weights: list[torch.Tensor | None] | None = None   # for the fused decode kernel
+        self.quant_config = None   # set by plexus.models.quantization.quantize_model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, fused: bool = True) -> torch.Tensor:
         """fused=False keeps the layer-by-layer ops (what torch.compile traces for compiled decode graphs)."""
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
-        if fused and not meta.prefills and kernels.fused_decode_available(hidden, kv_caches):
+        # The fused C++ step reads unquantized weights.
+        if (fused and self.quant_config is None and not meta.prefills
+                and kernels.fused_decode_available(hidden, kv_caches)):
             return self._fused_decode(hidden, positions, kv_caches, meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)

@@ -24,6 +24,10 @@ def build_model(config: EngineConfig, platform, attn_backend: type) -> torch.nn.
         model = model_cls(hf_config, attn_backend, config.model.max_model_len)
     model = platform.materialize(model.to(dtype=config.model.dtype))
     model.load_weights(loader.iterate_weights(config.model.model_dir))
+    if config.quant_config is not None:
+        from plexus.models.quantization import quantize_model
+
+        model = quantize_model(model, config.quant_config)
     return platform.finalize_model(model).eval()
 
 

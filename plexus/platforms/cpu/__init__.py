@@ -38,6 +38,7 @@ def _available_memory_bytes() -> int:
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
+    supported_quantizations = ("neuron_quant",)
     auto_priority = 0
 
     def is_available(self) -> bool:
@@ -66,17 +67,14 @@ class CpuPlatform(Platform):
         # All weights in one huge-page arena: decode streams every weight once per step, and with 4 KiB
         # pages the TLB misses alone cost a third of the bandwidth (docs/performance.md).
         model = model.to_empty(device="cpu")
-        params = [p for p in model.parameters()]
-        aligned = [(p.numel() * p.element_size() + 63) // 64 * 64 for p in params]
-        arena = huge_page_buffer(sum(aligned))
-        offset = 0
-        for p, size in zip(params, aligned):
-            nbytes = p.numel() * p.element_size()
-            p.data = arena[offset:offset + nbytes].view(p.dtype).view(p.shape)
-            offset += size
+        _move_into_huge_pages(model, copy=False)
         return model
 
     def finalize_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if getattr(model, "quant_config", None) is not None:
+            # The full-precision weights quantized layers dropped stay mapped as long as the arena lives:
+            # move what the model keeps into a new arena, so the old one is freed.
+            _move_into_huge_pages(model, copy=True)
         # A second copy of the matmul weights in oneDNN's blocked layout makes batched matmuls 5-45% faster
         # (docs/performance.md); the plain copy stays for the batch-1 GEMV. Kept only where it is cheap.
         from plexus import kernels
@@ -98,6 +96,21 @@ class CpuPlatform(Platform):
             # vLLM's VLLM_CPU_KVCACHE_SPACE default, but never more than half of free memory.
             return int(min(DEFAULT_KV_CACHE_SPACE_GIB * (1 << 30), _available_memory_bytes() // 2))
         return int(space * (1 << 30))
+
+
+def _move_into_huge_pages(model: torch.nn.Module, copy: bool) -> None:
+    """Every parameter becomes a view of one huge_page_buffer; copy=False leaves the values uninitialized."""
+    params = list(model.parameters())
+    aligned = [(p.numel() * p.element_size() + 63) // 64 * 64 for p in params]
+    arena = huge_page_buffer(sum(aligned))
+    offset = 0
+    for p, size in zip(params, aligned):
+        nbytes = p.numel() * p.element_size()
+        view = arena[offset:offset + nbytes].view(p.dtype).view(p.shape)
+        if copy:
+            view.copy_(p.data)
+        p.data = view
+        offset += size
 
 
 _HUGE_PAGE = 2 << 20

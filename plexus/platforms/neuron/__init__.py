@@ -66,9 +66,13 @@ class NeuronPlatform(Platform):
     def check_and_update_config(self, config) -> None:
         from plexus.platforms.neuron import sdk
         from plexus.platforms.neuron.settings import (
-            CONTEXT_BUCKETS_ENV, REFERENCE_BACKEND, SDK_BACKEND, TOKEN_GEN_BUCKETS_ENV, read_settings,
-            visible_neuron_cores)
+            CONTEXT_BUCKETS_ENV, REFERENCE_BACKEND, SDK_BACKEND, TOKEN_GEN_BUCKETS_ENV, backend_of,
+            override_neuron_config, read_settings, visible_neuron_cores)
 
+        if backend_of(override_neuron_config(config.extra)) == REFERENCE_BACKEND:
+            from plexus.platforms.cpu import CpuPlatform
+
+            CpuPlatform().check_and_update_config(config)   # it computes on this CPU: the CPU's dtype rules
         settings = read_settings(config, os.environ, visible_neuron_cores(os.environ))
         max_model_len = config.model.max_model_len
         cache, sched = config.cache, config.scheduler

@@ -75,7 +75,7 @@ class ReferenceCompiledModel:
         from plexus import kernels
         from plexus.worker.worker import build_model
 
-        kernels.load()       # before any graph is traced: dynamo cannot trace the build
+        kernels.fast_linear_available()   # builds and probes the kernels now: dynamo cannot trace that
         self.settings = settings
         self.model = build_model(config, platform, SlotAttention)
         m = config.model

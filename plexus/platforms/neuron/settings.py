@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 from plexus.core import buckets
+from plexus.models.quantization.neuron_quant import NeuronQuantConfig
 
 CONTEXT_BUCKETS_ENV = "NEURON_CONTEXT_LENGTH_BUCKETS"
 TOKEN_GEN_BUCKETS_ENV = "NEURON_TOKEN_GEN_BUCKETS"
 QUANT_DTYPE_ENV = "NEURON_QUANT_DTYPE"
-QUANT_DTYPES = ("s8", "f8e4m3fn")      # transformers-neuronx QuantizationConfig's QUANT_DTYPE_LIST
 
 # plexus's own keys inside override_neuron_config; everything else goes to NeuronConfig.
 BACKEND_KEY = "backend"
@@ -92,9 +92,9 @@ def read_settings(config, environ: Mapping[str, str], visible_cores: tuple[int, 
         raise ValueError("override_neuron_config['cache_layout']='BSH' supports a single bucket only; set one value "
                          f"in {CONTEXT_BUCKETS_ENV} and {TOKEN_GEN_BUCKETS_ENV} or drop cache_layout")
 
-    quant_dtype = environ.get(QUANT_DTYPE_ENV, "s8")
-    if quant_dtype not in QUANT_DTYPES:
-        raise ValueError(f"{QUANT_DTYPE_ENV}={quant_dtype!r} is not supported; allowed: {', '.join(QUANT_DTYPES)}")
+    # One reading of NEURON_QUANT_DTYPE: the neuron_quant method's (validated even when unused, since a typo
+    # there is a typo either way).
+    quant = config.quant_config or NeuronQuantConfig.from_environ(environ)
 
     tp = config.parallel.tensor_parallel_size
     if visible_cores is not None and tp > visible_cores[0]:
@@ -105,7 +105,7 @@ def read_settings(config, environ: Mapping[str, str], visible_cores: tuple[int, 
     dtype = config.model.dtype
     return NeuronSettings(
         backend=backend, context_buckets=context, token_gen_buckets=token_gen,
-        batch_size=config.scheduler.max_num_seqs, tp_degree=tp, amp=AMP[dtype], quant_dtype=quant_dtype,
+        batch_size=config.scheduler.max_num_seqs, tp_degree=tp, amp=AMP[dtype], quant_dtype=quant.quant_dtype,
         quantize=config.quantization == "neuron_quant", max_model_len=max_model_len,
         cast_logits_dtype=overrides.get("cast_logits_dtype", "float32"), overrides=overrides)
 
