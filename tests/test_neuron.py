@@ -369,3 +369,15 @@ def test_defaults_when_no_neuron_variable_is_set():
     s = settings.read_settings(_config(), {}, None)
     assert (s.context_buckets, s.token_gen_buckets, s.quant_dtype, s.cast_logits_dtype) == ([256], [256], "s8",
                                                                                              "float32")
+
+
+def test_override_neuron_config_from_the_command_line():
+    from plexus.utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--device", "neuron", "--override-neuron-config",
+                              '{"backend": "cpu-reference", "cast_logits_dtype": "bfloat16"}'])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert engine_args.override_neuron_config == {"backend": "cpu-reference", "cast_logits_dtype": "bfloat16"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--override-neuron-config", "{backend: x}"])

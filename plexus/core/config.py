@@ -203,8 +203,8 @@ class EngineArgs:
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool",):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            elif "dict" in f.type:
-                continue
+            elif "dict" in f.type:        # vLLM's JSON flags: --override-neuron-config '{"cast_logits_dtype": ...}'
+                parser.add_argument(flag, type=_json_arg, default=f.default)
             else:
                 kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
                 parser.add_argument(flag, type=kind, default=f.default)
@@ -305,6 +305,15 @@ class EngineArgs:
         need(self.generation_config in ("auto", "vllm"),
              f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
         need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
+
+
+def _json_arg(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
 
 
 def _parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch.dtype:
