@@ -31,6 +31,13 @@ def build_model(config: EngineConfig, platform, attn_backend: type) -> torch.nn.
     return platform.finalize_model(model).eval()
 
 
+def kv_bytes_per_block(config: EngineConfig) -> int:
+    """Keys and values of every layer for one block of config.cache.block_size tokens."""
+    m = config.model
+    return (2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim
+            * torch.tensor([], dtype=m.dtype).element_size())
+
+
 class Worker:
     def __init__(self, config: EngineConfig, platform, rank: int = 0) -> None:
         self.config = config
@@ -51,9 +58,7 @@ class Worker:
                     self.num_blocks * config.cache.block_size)
 
     def kv_bytes_per_block(self) -> int:
-        m = self.config.model
-        return (2 * m.num_layers * self.config.cache.block_size * m.num_kv_heads * m.head_dim
-                * torch.tensor([], dtype=m.dtype).element_size())
+        return kv_bytes_per_block(self.config)
 
     def _num_kv_blocks(self) -> int:
         cache = self.config.cache

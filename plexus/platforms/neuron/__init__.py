@@ -92,9 +92,10 @@ class NeuronPlatform(Platform):
         if settings.backend == SDK_BACKEND:
             sdk.model_spec(config, settings)         # refuse an architecture transformers-neuronx lacks, now
         else:
-            from plexus.platforms.neuron.reference import kv_cache_bytes
+            from plexus.worker.worker import kv_bytes_per_block
 
-            need, budget = kv_cache_bytes(config, settings.batch_size), self.kv_cache_budget_bytes(config)
+            # block_size is max_model_len now: one block is one slot.
+            need, budget = kv_bytes_per_block(config) * settings.batch_size, self.kv_cache_budget_bytes(config)
             if need > budget:
                 raise ValueError(
                     f"the {REFERENCE_BACKEND} backend keeps a KV slot of max_model_len={max_model_len} tokens for "

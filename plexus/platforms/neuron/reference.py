@@ -61,12 +61,6 @@ class SlotAttention:
         return out.reshape(q.shape[0], -1)
 
 
-def kv_cache_bytes(config, batch_size: int) -> int:
-    m = config.model
-    return (2 * m.num_layers * batch_size * m.max_model_len * m.num_kv_heads * m.head_dim
-            * torch.tensor([], dtype=m.dtype).element_size())
-
-
 class ReferenceCompiledModel:
     """forward(input_ids [B, S], cache_ids [B, S], start_ids [B]) -> logits [B, vocab], the contract of
     plexus.platforms.neuron.sdk.TransformersNeuronxModel."""
