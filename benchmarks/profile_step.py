@@ -36,7 +36,7 @@ KERNELS = ["llama_decode_layers", "linear_bf16", "_linear_pointwise", "linear", 
 
 def profile(batch: int, steps: int) -> None:
     from plexus import LLM, SamplingParams
-    from plexus.models.gguf import bundled_gguf_path, convert_gguf
+    from plexus.model_files.gguf import bundled_gguf_path, convert_gguf
 
     llm = LLM(model=str(convert_gguf(bundled_gguf_path())), dtype="bfloat16", max_num_seqs=max(batch, 1),
               enable_prefix_caching=False)

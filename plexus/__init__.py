@@ -5,8 +5,8 @@ from plexus.core.engine import LLMEngine
 from plexus.core.outputs import CompletionOutput, Logprob, RequestOutput
 from plexus.core.sampling_params import SamplingParams
 from plexus.entrypoints.llm import LLM
-from plexus.inputs import PromptType, TextPrompt, TokensPrompt
-from plexus.lora.request import LoRARequest
+from plexus.core.inputs import PromptType, TextPrompt, TokensPrompt
+from plexus.core.lora.request import LoRARequest
 
 __version__ = "0.1.0"
 

@@ -1,18 +1,4 @@
-"""Prompt types, as vLLM's ``vllm.inputs``."""
-from typing import TypedDict, Union
+"""vLLM's import path ``vllm.inputs``."""
+from plexus.core.inputs import PromptType, TextPrompt, TokensPrompt
 
-from typing_extensions import NotRequired
-
-
-class TextPrompt(TypedDict):
-    prompt: str
-    multi_modal_data: NotRequired[dict]
-
-
-class TokensPrompt(TypedDict):
-    prompt_token_ids: list[int]
-    prompt: NotRequired[str]
-    multi_modal_data: NotRequired[dict]
-
-
-PromptType = Union[str, TextPrompt, TokensPrompt]
+__all__ = ["PromptType", "TextPrompt", "TokensPrompt"]

@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def smollm_dir():
-    from plexus.models.loader import resolve_model_dir
+    from plexus.model_files import resolve_model_dir
 
     return resolve_model_dir(None)
 
@@ -25,7 +25,7 @@ def hf_smollm():
     """SmolLM2 as transformers loads it from the GGUF file itself, in fp32."""
     from transformers import AutoModelForCausalLM
 
-    from plexus.models.gguf import bundled_gguf_path
+    from plexus.model_files.gguf import bundled_gguf_path
 
     path = bundled_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

@@ -11,6 +11,21 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from plexus.core.detokenizer import IncrementalDetokenizer, detokenize_logprob_token
+from plexus.core.stopping import StopStrings
+
+
+class _Stopping:
+    """A detokenizer with stop strings, as the engine drives them (plexus.core.stopping)."""
+
+    def __init__(self, tok, prompt_ids, **stop_args):
+        self.detokenizer = IncrementalDetokenizer(tok, prompt_ids)
+        self.stops = StopStrings(self.detokenizer, **stop_args)
+        self.update = self.stops.update
+        self.get_next_output_text = self.detokenizer.get_next_output_text
+
+    @property
+    def output_text(self):
+        return self.detokenizer.output_text
 
 REPLACEMENT = "\ufffd"
 
@@ -173,7 +188,7 @@ CAPITALS = "The capital of France is Paris. The capital of Spain is Madrid."
 def test_stop_string_spanning_tokens_is_found_and_cut(smollm_tokenizer, stop_str):
     tok = smollm_tokenizer
     generated = tok.encode(CAPITALS)
-    detok = IncrementalDetokenizer(tok, [], stop=[stop_str, "never"])
+    detok = _Stopping(tok, [], stop=[stop_str, "never"])
 
     stops = [detok.update([t]) for t in generated]
 
@@ -185,7 +200,7 @@ def test_stop_string_spanning_tokens_is_found_and_cut(smollm_tokenizer, stop_str
 
 def test_stop_string_is_kept_with_include_stop_str_in_output(smollm_tokenizer):
     tok = smollm_tokenizer
-    detok = IncrementalDetokenizer(tok, [], stop=["is Paris"], include_stop_str_in_output=True)
+    detok = _Stopping(tok, [], stop=["is Paris"], include_stop_str_in_output=True)
     # All at once: the tokens after the stop string must be dropped too.
     assert detok.update(tok.encode(CAPITALS)) == "is Paris"
     assert detok.output_text == "The capital of France is Paris"
@@ -193,14 +208,14 @@ def test_stop_string_is_kept_with_include_stop_str_in_output(smollm_tokenizer):
 
 def test_the_earliest_of_several_stop_strings_wins(smollm_tokenizer):
     tok = smollm_tokenizer
-    detok = IncrementalDetokenizer(tok, [], stop=["Madrid", "Spain", "capital of Spain"])
+    detok = _Stopping(tok, [], stop=["Madrid", "Spain", "capital of Spain"])
     assert detok.update(tok.encode(CAPITALS)) == "capital of Spain"
     assert detok.output_text == "The capital of France is Paris. The "
 
     # Of two matches, the one that completes first wins, as it would if the
     # tokens had come one at a time.
     for chunk in (1, len(tok.encode(CAPITALS))):
-        detok = IncrementalDetokenizer(tok, [], stop=["France is Paris.", "is"])
+        detok = _Stopping(tok, [], stop=["France is Paris.", "is"])
         deltas, stop = _stream(detok, tok.encode(CAPITALS), chunk)
         assert stop == "is"
         assert detok.output_text == "".join(deltas) == "The capital of France "
@@ -211,14 +226,14 @@ def test_a_stop_string_prefix_is_held_back_until_resolved(smollm_tokenizer):
     generated = tok.encode(CAPITALS)  # ... 'Ġis', 'ĠParis', '.', 'ĠThe', ...
 
     # Resolved as not a stop: "Paris." is followed by " The", not "Paris!".
-    detok = IncrementalDetokenizer(tok, [], stop=["Paris!"])
+    detok = _Stopping(tok, [], stop=["Paris!"])
     detok.update(generated[:6])
     assert detok.output_text == "The capital of France is "
     detok.update(generated[6:7])
     assert detok.output_text == "The capital of France is Paris."
 
     # Resolved as a stop: nothing of it was ever shown.
-    detok = IncrementalDetokenizer(tok, [], stop=["Paris. The capital of Spain"])
+    detok = _Stopping(tok, [], stop=["Paris. The capital of Spain"])
     deltas = []
     for token_id in generated:
         stop = detok.update([token_id])
@@ -231,7 +246,7 @@ def test_a_stop_string_prefix_is_held_back_until_resolved(smollm_tokenizer):
 def test_finishing_flushes_a_held_stop_string_prefix(smollm_tokenizer):
     tok = smollm_tokenizer
     generated = tok.encode("The capital of France is Paris")
-    detok = IncrementalDetokenizer(tok, [], stop=["Paris!"])
+    detok = _Stopping(tok, [], stop=["Paris!"])
     assert detok.update(generated) is None
     assert detok.get_next_output_text(finished=False, delta=True) == "The capital of France is "
     assert detok.get_next_output_text(finished=True, delta=True) == "Paris"
@@ -241,7 +256,7 @@ def test_finishing_flushes_a_held_stop_string_prefix(smollm_tokenizer):
 def test_stop_strings_are_ignored_within_min_tokens(smollm_tokenizer):
     tok = smollm_tokenizer
     generated = tok.encode(CAPITALS)
-    detok = IncrementalDetokenizer(tok, [], stop=["capital"], min_tokens=3)
+    detok = _Stopping(tok, [], stop=["capital"], min_tokens=3)
     stops = [detok.update([t]) for t in generated]
     assert stops.index("capital") == 8  # the second "capital"
     assert detok.output_text == "The capital of France is Paris. The "

@@ -6,15 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plexus import kernels
+from plexus.envs import cache_dir
 from plexus.models.layers.attention import AttentionMetadata, TorchPagedAttention
-from plexus.models.layers.rotary import rotate_half
+from plexus.models.layers.ops import rotate_half
+from plexus.platforms.cpu import kernels
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler to build the CPU kernels")
 
 
 def test_kernels_build():
-    assert kernels.load(), "the CPU kernels failed to build; see the warning logged above"
+    assert kernels.load(cache_dir()), "the CPU kernels failed to build; see the warning logged above"
+
+
+kernels.load(cache_dir())
+from plexus.platforms.cpu.ops import CpuModelOps, CpuPagedAttention  # noqa: E402  (needs the loaded ops)
+
+ops = CpuModelOps()
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -37,7 +44,7 @@ def test_linear_bf16_matches_fp32_matmul(m, n, k, bias):
     out = torch.ops.plexus.linear_bf16(x, w, b, True)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     torch.testing.assert_close(out, expected, atol=1e-3 * k ** 0.5, rtol=1e-4)
-    assert torch.equal(kernels.linear(x, w, b), out.bfloat16())                # bf16 output = rounded fp32
+    assert torch.equal(ops.linear(x, w, b), out.bfloat16())                # bf16 output = rounded fp32
 
 
 @pytest.mark.parametrize("m", [1, 5, 64])
@@ -48,7 +55,7 @@ def test_linear_with_prepacked_weights(m):
     packed = kernels.pack_weight(w)
     assert packed is not None
     expected = F.linear(x.float(), w.float(), b.float())
-    torch.testing.assert_close(kernels.linear(x, w, b, packed).float(), expected, atol=0.1, rtol=1.6e-2)
+    torch.testing.assert_close(ops.linear(x, w, b, packed).float(), expected, atol=0.1, rtol=1.6e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,9 +69,9 @@ def test_norms_match_hf_formula(dtype):
         hf32 = h.float()
         return w * (hf32 * torch.rsqrt(hf32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
 
-    _close(kernels.rms_norm(x, w, 1e-5), hf(x), dtype)
+    _close(ops.rms_norm(x, w, 1e-5), hf(x), dtype)
     residual = r.clone()
-    out, new_residual = kernels.add_rms_norm(x, residual, w, 1e-5)
+    out, new_residual = ops.add_rms_norm(x, residual, w, 1e-5)
     assert torch.equal(new_residual, r + x)
     _close(out, hf(r + x), dtype)
 
@@ -73,7 +80,7 @@ def test_norms_match_hf_formula(dtype):
 def test_silu_and_mul(dtype):
     x = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
     gate, up = x.chunk(2, dim=-1)
-    _close(kernels.silu_and_mul(x), F.silu(gate) * up, dtype)
+    _close(ops.silu_and_mul(x), F.silu(gate) * up, dtype)
 
 
 def _cache(num_blocks, block_size, hkv, d, dtype, seed=2):
@@ -122,20 +129,21 @@ def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
         block_ids.append(perm[used:used + n])
         used += n
     q = torch.randn(sum(query_lens), hq, d, generator=torch.Generator().manual_seed(4)).to(dtype)
-    attn = TorchPagedAttention(hq, hkv, d, d ** -0.5)
+    attn = CpuPagedAttention(hq, hkv, d, d ** -0.5)
+    torch_attn = TorchPagedAttention(hq, hkv, d, d ** -0.5)
     mixed = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size, torch.device("cpu"),
                                     use_decode_kernel=True)
     reference = AttentionMetadata.build(query_lens, seq_lens, block_ids, block_size, torch.device("cpu"),
                                         use_decode_kernel=False)
     assert mixed.decode.mask is None and reference.decode.mask is not None and len(mixed.prefills) == 2
-    _close(attn(q, cache, mixed), attn(q, cache, reference), dtype)
+    _close(attn(q, cache, mixed), torch_attn(q, cache, reference), dtype)
 
     only_decodes = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size,
                                            torch.device("cpu"), use_decode_kernel=True)
     assert not only_decodes.prefills
     ref = AttentionMetadata.build([1, 1], [30, 2], [block_ids[5], block_ids[0]], block_size, torch.device("cpu"),
                                   use_decode_kernel=False)
-    _close(attn(q[:2], cache, only_decodes), attn(q[:2], cache, ref), dtype)
+    _close(attn(q[:2], cache, only_decodes), torch_attn(q[:2], cache, ref), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,16 +9,17 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from plexus.models import gguf as plexus_gguf
-from plexus.models.gguf import bundled_gguf_path, convert_gguf
-from plexus.models.loader import (
+from plexus.model_files import gguf as plexus_gguf
+from plexus.model_files.gguf import bundled_gguf_path, convert_gguf
+from plexus.model_files import (
     BUNDLED_MODEL_NAME,
     checkpoint_dtype,
-    iterate_weights,
     load_config,
     load_generation_config,
     resolve_model_dir,
 )
+from plexus.models.loader import iterate_weights
+from plexus.models.registry import resolve_architecture
 
 
 @pytest.fixture(scope="session")
@@ -137,14 +138,14 @@ def test_unsupported_architecture_is_an_error_listing_supported_ones(tmp_path):
         json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
     )
     with pytest.raises(ValueError, match="GPT2LMHeadModel") as error:
-        load_config(tmp_path)
+        resolve_architecture(load_config(tmp_path))
     assert "LlamaForCausalLM" in str(error.value)
 
 
 def test_config_without_architectures_falls_back_to_model_type(tmp_path):
     transformers.LlamaConfig(num_hidden_layers=2, dtype="bfloat16").save_pretrained(tmp_path)
     config = load_config(tmp_path)
-    assert config.architectures == ["LlamaForCausalLM"]
+    assert resolve_architecture(config) == "LlamaForCausalLM" and config.architectures == ["LlamaForCausalLM"]
     assert checkpoint_dtype(config) == torch.bfloat16
 
 

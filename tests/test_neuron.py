@@ -12,6 +12,7 @@ import torch
 
 from plexus import LLM, EngineArgs, SamplingParams
 from plexus.core import buckets
+from plexus.envs import Environment
 from plexus.platforms.neuron import NeuronPlatform, missing_requirements, sdk, settings
 from plexus.platforms.neuron.worker import BucketCall
 
@@ -56,11 +57,11 @@ def test_greedy_fp32_matches_the_cpu_platform_bucket_by_bucket(neuron_llm, llm_f
     steps, slots = [], {}
     execute = runner.execute
 
-    def recording_execute(out, generator):
-        result = execute(out, generator)
-        steps.append(([(s.request.request_id, s.start, s.num_tokens) for s in out.scheduled], runner.last_step))
-        for s in out.scheduled:
-            slots.setdefault(s.request.request_id, set()).add(s.request.block_ids[0])
+    def recording_execute(step):
+        result = execute(step)
+        steps.append(([(s.request_id, s.start, s.num_tokens) for s in step.sequences], runner.last_step))
+        for s in step.sequences:
+            slots.setdefault(s.request_id, set()).add(s.block_ids[0])
         return result
 
     monkeypatch.setattr(runner, "execute", recording_execute)
@@ -308,9 +309,13 @@ def test_sdk_refuses_architectures_transformers_neuronx_lacks(vllm_example_confi
         hf_config.architectures = original
 
 
-def test_compiled_artifacts_are_keyed_by_everything_that_changes_the_graphs(vllm_example_config, tmp_path,
-                                                                             monkeypatch):
-    monkeypatch.setenv("PLEXUS_CACHE_DIR", str(tmp_path))
+def _with_cache_dir(config, path):
+    """The config as an engine built with PLEXUS_CACHE_DIR=path would have it (the environment is read once)."""
+    return dataclasses.replace(config, env=Environment.read({"PLEXUS_CACHE_DIR": str(path)}))
+
+
+def test_compiled_artifacts_are_keyed_by_everything_that_changes_the_graphs(vllm_example_config, tmp_path):
+    vllm_example_config = _with_cache_dir(vllm_example_config, tmp_path)
     base = _sdk_spec(vllm_example_config).artifacts_dir
     assert base == _sdk_spec(vllm_example_config).artifacts_dir
     assert base.parent == tmp_path / "neuron"
@@ -341,9 +346,8 @@ class _CompilesOnce:
         (Path(directory) / "graph.neff").write_text("compiled")
 
 
-def test_second_start_loads_the_saved_graphs_instead_of_compiling(vllm_example_config, tmp_path, monkeypatch):
-    monkeypatch.setenv("PLEXUS_CACHE_DIR", str(tmp_path))
-    spec = _sdk_spec(vllm_example_config)
+def test_second_start_loads_the_saved_graphs_instead_of_compiling(vllm_example_config, tmp_path):
+    spec = _sdk_spec(_with_cache_dir(vllm_example_config, tmp_path))
     first = sdk.compile_or_load(_CompilesOnce(), spec)
     assert first.calls == [("to_neuron",), ("save",)]
     assert (spec.artifacts_dir / "graph.neff").exists()

@@ -72,7 +72,7 @@ def test_third_party_platform_is_discovered_and_used(third_party_platform):
 @pytest.mark.parametrize("checkpoint", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("has_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_dtype_prefers_bf16_on_cpus_with_bf16_and_never_fp16(monkeypatch, checkpoint, has_bf16, expected):
-    from plexus.platforms import cpu
+    from plexus.platforms import cpu, host
 
     class _Model:
         dtype = checkpoint
@@ -81,7 +81,7 @@ def test_auto_dtype_prefers_bf16_on_cpus_with_bf16_and_never_fp16(monkeypatch, c
     class _Config:
         model = _Model()
 
-    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(host, "cpu_has_bf16", lambda: has_bf16)
     cpu.CpuPlatform().check_and_update_config(_Config)
     assert _Config.model.dtype == expected
     # An explicit dtype is kept, except fp16, which no CPU here runs at a usable speed.

@@ -10,8 +10,9 @@ from torch import nn
 from plexus import LLM, SamplingParams
 from plexus.models.layers.attention import AttentionMetadata
 from plexus.models.quantization import make_quant_config
+from plexus.models.layers.linear import LinearLayer
 from plexus.models.quantization.neuron_quant import (
-    INT8PACK_MAX_ROWS, NeuronQuantConfig, NeuronQuantLinear, dequantize, quantize_weight)
+    INT8PACK_MAX_ROWS, NeuronQuantConfig, NeuronQuantLinearMethod, dequantize, quantize_weight)
 
 PROMPTS = [
     "The capital of France is",
@@ -20,6 +21,17 @@ PROMPTS = [
     "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who",
 ]
 CONTINUATION = 64
+
+
+def NeuronQuantLinear(linear: nn.Linear, quant_dtype: str) -> LinearLayer:
+    """A LinearLayer with the neuron_quant method, loaded from `linear` as from a checkpoint."""
+    layer = LinearLayer(linear.in_features, [linear.out_features], linear.bias is not None,
+                        method=NeuronQuantLinearMethod(quant_dtype), dtype=linear.weight.dtype)
+    layer.load_weight("weight", linear.weight.detach())
+    if linear.bias is not None:
+        layer.load_weight("bias", linear.bias.detach())
+    layer.method.process_weights_after_loading(layer)
+    return layer
 
 
 def _random_weight(rows: int = 96, cols: int = 256) -> torch.Tensor:
@@ -89,15 +101,14 @@ def test_only_the_decoder_layers_matmuls_are_quantized():
 
     from plexus.models.layers.attention import TorchPagedAttention
     from plexus.models.llama import LlamaForCausalLM
-    from plexus.models.quantization import quantize_model
 
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = quantize_model(LlamaForCausalLM(cfg, TorchPagedAttention, 64).to(torch.bfloat16), NeuronQuantConfig())
-    quantized = {name for name, m in model.named_modules() if isinstance(m, NeuronQuantLinear)}
+    model = LlamaForCausalLM(cfg, TorchPagedAttention, 64, quant_config=NeuronQuantConfig()).to(torch.bfloat16)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, LinearLayer) and m.method.quantized}
     assert quantized == {f"layers.{i}.{proj}" for i in range(2) for proj in (
         "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
-    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.dtype == torch.bfloat16
+    assert not model.lm_head.method.quantized and model.lm_head.weight.dtype == torch.bfloat16
     assert model.layers[0].self_attn.qkv_proj.bias.dtype == torch.bfloat16   # qwen2's qkv bias
     assert model.quant_config == NeuronQuantConfig("s8")
 
@@ -227,7 +238,7 @@ def test_s8_equals_the_fp32_model_with_neuron_fake_quantized_weights(quantized, 
 
 def test_generate_with_the_default_dtype_and_s8_gives_sensible_text(quantized):
     llm = quantized("auto", None)
-    assert llm.llm_engine.config.quant_config == NeuronQuantConfig("s8")
+    assert llm.llm_engine.executor.worker.model.quant_config == NeuronQuantConfig("s8")
     outputs = llm.generate(["The capital of France is", "def fibonacci(n):"],
                            SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
     assert "Paris" in outputs[0].outputs[0].text
@@ -235,12 +246,13 @@ def test_generate_with_the_default_dtype_and_s8_gives_sensible_text(quantized):
 
 
 def _count_fused_decode_calls(llm: LLM, monkeypatch) -> int:
-    model = llm.llm_engine.executor.worker.model
+    """Decode steps the platform ran as its one fused call (ModelOps.decode_layers returning hidden states)."""
+    ops = llm.llm_engine.executor.worker.model.ops
     calls = []
-    fused = model._fused_decode
-    monkeypatch.setattr(model, "_fused_decode", lambda *args: calls.append(1) or fused(*args))
+    fused = ops.decode_layers
+    monkeypatch.setattr(ops, "decode_layers", lambda *args: calls.append(fused(*args)) or calls[-1])
     llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-    return len(calls)
+    return sum(out is not None for out in calls)
 
 
 def test_quantized_model_decodes_without_the_fused_step(quantized, llm_fp32, monkeypatch):
@@ -254,9 +266,9 @@ def test_decoder_weights_are_stored_quantized_and_the_full_precision_ones_freed(
         quantized, llm_fp32, quant_dtype, storage):
     full = llm_fp32.llm_engine.executor.worker.model
     model = quantized("float32", quant_dtype).llm_engine.executor.worker.model
-    layers = [m for name, m in model.named_modules() if isinstance(m, NeuronQuantLinear)]
+    layers = [m for m in model.linear_layers() if isinstance(m.method, NeuronQuantLinearMethod)]
     assert len(layers) == 4 * model.config.num_hidden_layers
-    assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    assert all(m in layers for m in model.layers.modules() if isinstance(m, LinearLayer))
     assert all(m.weight.dtype == storage and m.weight_scale.dtype == torch.float32 for m in layers)
     assert model.embed_tokens.weight.dtype == torch.float32   # as on Neuron: embeddings and lm_head stay
 

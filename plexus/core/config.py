@@ -1,18 +1,21 @@
 """EngineArgs (vLLM's names and defaults) -> EngineConfig, validated once.
 
 Everything downstream takes the typed dataclasses built here; nothing else
-reads user settings or the environment."""
+reads user settings, and the environment is read once here (plexus.envs)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+import plexus.model_files as model_files
+from plexus.envs import Environment
+from plexus.model_files.hf_config import quantization_method
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -40,6 +43,8 @@ class ModelConfig:
     generation_config: dict
     served_model_name: str
     dtype_is_auto: bool = False      # dtype="auto": the platform may pick what it runs fastest
+    tokenizer_mode: str = "auto"     # "auto" (fast tokenizer) | "slow"
+    trust_remote_code: bool = False
 
     @property
     def vocab_size(self) -> int:
@@ -102,11 +107,13 @@ class CompilationConfig:
     with static shapes, one per batch-size bucket (cudagraph_capture_sizes), padded up with plexus.core.buckets."""
     level: int = 0
     cudagraph_capture_sizes: list[int] = field(default_factory=list)
+    max_seq_len_to_capture: int | None = None   # longer sequences run eagerly
 
     KEYS: ClassVar[tuple[str, ...]] = ("level", "cudagraph_capture_sizes")
 
     @classmethod
-    def parse(cls, value: Any, enforce_eager: bool, max_num_seqs: int) -> CompilationConfig:
+    def parse(cls, value: Any, enforce_eager: bool, max_num_seqs: int,
+              max_seq_len_to_capture: int | None = None) -> CompilationConfig:
         from plexus.core import buckets
 
         if value is None:
@@ -125,7 +132,8 @@ class CompilationConfig:
         sizes = (buckets.power_of_two_buckets(max_num_seqs) if sizes is None else
                  buckets.validate_buckets(sizes, "compilation_config.cudagraph_capture_sizes",
                                           max_value=max_num_seqs, max_name="max_num_seqs"))
-        return cls(level=0 if enforce_eager else level, cudagraph_capture_sizes=sizes)
+        return cls(level=0 if enforce_eager else level, cudagraph_capture_sizes=sizes,
+                   max_seq_len_to_capture=max_seq_len_to_capture)
 
 
 @dataclass
@@ -138,8 +146,7 @@ class EngineConfig:
     quantization: str | None
     enforce_eager: bool
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
-    # The quantization method's settings (e.g. neuron_quant's dtype), from plexus.models.quantization.
-    quant_config: Any = None
+    env: Environment = field(default_factory=Environment.read)   # every environment variable, read once
     extra: dict = field(default_factory=dict)   # platform-specific settings (e.g. override_neuron_config)
 
 
@@ -172,7 +179,7 @@ class EngineArgs:
     enforce_eager: bool = False
     compilation_config: int | dict | None = None
     max_seq_len_to_capture: int = 8192
-    disable_log_stats: bool = True
+    disable_log_stats: bool = False    # LLM() turns it on, as vLLM's does
     max_logprobs: int = 20
     revision: str | None = None
     tokenizer_revision: str | None = None
@@ -180,7 +187,7 @@ class EngineArgs:
     generation_config: str = "auto"
     load_format: str = "auto"
     download_dir: str | None = None
-    disable_custom_all_reduce: bool = False
+    disable_custom_all_reduce: bool = False   # plexus has no custom all-reduce kernel: True is what it does
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -215,14 +222,19 @@ class EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
     def create_engine_config(self) -> EngineConfig:
-        from plexus.models import loader
         from plexus.platforms.registry import resolve_platform
 
         self._check_ranges()
+        self._refuse_unsupported()
+        env = Environment.read()
         extra = {"override_neuron_config": self.override_neuron_config}
         platform = resolve_platform(self.device, extra)
-        model_dir = loader.resolve_model_dir(self.model)
-        hf_config = loader.load_config(model_dir)
+        if self.override_neuron_config is not None and platform.name != "neuron":
+            raise ValueError(f"override_neuron_config applies to device='neuron' only; this engine runs on the "
+                             f"{platform.name} platform")
+        model_dir = model_files.resolve_model_dir(self.model, env.cache_dir)
+        self._check_load_format(model_dir)
+        hf_config = model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code)
         max_model_len = _max_model_len(hf_config, self.max_model_len)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
@@ -235,21 +247,15 @@ class EngineArgs:
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}); "
                 "without chunked prefill a whole prompt must fit in one step: raise max_num_batched_tokens, "
                 "lower max_model_len, or set enable_chunked_prefill=True")
-        if self.quantization is not None and self.quantization not in platform.supported_quantizations:
+        quantization = self._quantization(hf_config)
+        if quantization is not None and quantization not in platform.supported_quantizations:
             allowed = ", ".join(platform.supported_quantizations) or "none yet"
-            raise ValueError(f"quantization={self.quantization!r} is not supported on the {platform.name} platform; "
+            raise ValueError(f"quantization={quantization!r} is not supported on the {platform.name} platform; "
                              f"supported: {allowed}")
         if self.tensor_parallel_size > platform.max_tensor_parallel_size():
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
                              f"platform supports ({platform.max_tensor_parallel_size()})")
-        if self.enable_lora:
-            raise ValueError("enable_lora=True: LoRA adapters are not supported yet")
-        generation_config = loader.load_generation_config(model_dir) if self.generation_config == "auto" else {}
-        quant_config = None
-        if self.quantization is not None:
-            from plexus.models.quantization import make_quant_config
-
-            quant_config = make_quant_config(self.quantization, os.environ)
+        generation_config = model_files.load_generation_config(model_dir) if self.generation_config == "auto" else {}
         config = EngineConfig(
             model=ModelConfig(
                 model=self.model, model_dir=model_dir, tokenizer=self.tokenizer,
@@ -257,8 +263,9 @@ class EngineArgs:
                 dtype=_parse_dtype(self.dtype, hf_config), max_model_len=max_model_len,
                 seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
                 generation_config=generation_config,
-                served_model_name=self.served_model_name or self.model or loader.BUNDLED_MODEL_NAME,
-                dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto"),
+                served_model_name=self.served_model_name or self.model or model_files.BUNDLED_MODEL_NAME,
+                dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto",
+                tokenizer_mode=self.tokenizer_mode, trust_remote_code=self.trust_remote_code),
             cache=CacheConfig(
                 block_size=platform.default_block_size if self.block_size is None else self.block_size,
                 block_size_explicit=self.block_size is not None, enable_prefix_caching=self.enable_prefix_caching,
@@ -268,13 +275,54 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            platform=platform, quantization=self.quantization, enforce_eager=self.enforce_eager,
-            quant_config=quant_config,
-            compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs),
-            extra=extra,
+            platform=platform, quantization=quantization, enforce_eager=self.enforce_eager,
+            compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs,
+                                                self.max_seq_len_to_capture),
+            env=env, extra=extra,
         )
         platform.check_and_update_config(config)
         return config
+
+    def _quantization(self, hf_config: PretrainedConfig) -> str | None:
+        """The user's quantization=, else the method the checkpoint's quantization_config names."""
+        from_checkpoint = quantization_method(hf_config)
+        if self.quantization is not None and from_checkpoint is not None and self.quantization != from_checkpoint:
+            raise ValueError(f"quantization={self.quantization!r} does not match the checkpoint, which is quantized "
+                             f"with {from_checkpoint!r} (config.json quantization_config); leave quantization unset")
+        return self.quantization or from_checkpoint
+
+    def _check_load_format(self, model_dir: Path) -> None:
+        is_gguf = self.model is not None and str(self.model).endswith(".gguf") or self.model is None
+        if self.load_format == "gguf" and not is_gguf:
+            raise ValueError(f"load_format='gguf' but model={self.model!r} is not a .gguf file")
+        if self.load_format == "safetensors" and is_gguf:
+            raise ValueError(f"load_format='safetensors' but model={self.model!r} is a GGUF file; "
+                             "use load_format='auto' or 'gguf'")
+
+    # Settings vLLM has that plexus does not act on: refused when set to anything but their default, since a
+    # setting accepted and ignored would be a silent lie. (setting, why)
+    _UNSUPPORTED = {
+        "swap_space": "plexus preempts by recomputing and never swaps KV blocks to host memory",
+        "cpu_offload_gb": "plexus keeps every weight on the device; weight offloading is not supported",
+        "revision": "plexus serves local model paths and the bundled model; hub revisions are not supported yet",
+        "tokenizer_revision": "plexus serves local tokenizer paths; hub revisions are not supported yet",
+        "download_dir": "plexus never downloads a model; hub model ids are not supported yet",
+        "max_loras": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
+        "max_lora_rank": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
+        "max_cpu_loras": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
+        "enable_lora": "LoRA adapters are not supported yet",
+        "pipeline_parallel_size": "pipeline parallelism is not supported",
+    }
+
+    def _refuse_unsupported(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, why in self._UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value != defaults[name]:
+                raise ValueError(f"{name}={value!r} is not supported: {why}; leave it at its default "
+                                 f"({defaults[name]!r})")
+        if self.tokenizer_mode not in ("auto", "slow"):
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported; allowed: auto, slow")
 
     def _check_ranges(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -291,8 +339,6 @@ class EngineArgs:
              f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         need(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
              f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
-        need(self.pipeline_parallel_size == 1,
-             f"pipeline_parallel_size must be 1 (pipeline parallelism is not supported), got {self.pipeline_parallel_size!r}")
         need(0 < self.gpu_memory_utilization <= 1,
              f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         need(self.kv_cache_space is None or self.kv_cache_space > 0,
@@ -300,6 +346,8 @@ class EngineArgs:
         need(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
              f"num_gpu_blocks_override must be a positive integer, got {self.num_gpu_blocks_override!r}")
         need(self.max_logprobs >= 0, f"max_logprobs must be non-negative, got {self.max_logprobs!r}")
+        need(isinstance(self.max_seq_len_to_capture, int) and self.max_seq_len_to_capture >= 1,
+             f"max_seq_len_to_capture must be a positive integer, got {self.max_seq_len_to_capture!r}")
         need(self.load_format in ("auto", "safetensors", "gguf"),
              f"load_format must be one of auto, safetensors, gguf; got {self.load_format!r}")
         need(self.generation_config in ("auto", "vllm"),
@@ -318,14 +366,12 @@ def _json_arg(text: str) -> Any:
 
 def _parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch.dtype:
     """'auto' -> the checkpoint's dtype (the platform may then refine it)."""
-    from plexus.models.loader import checkpoint_dtype
-
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype={dtype} is not supported; allowed: auto, float32, bfloat16, float16")
         return dtype
     if dtype == "auto":
-        return checkpoint_dtype(hf_config)
+        return model_files.checkpoint_dtype(hf_config)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: auto, float32, bfloat16, float16")
     return _DTYPES[dtype]

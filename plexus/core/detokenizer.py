@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop strings.
+"""Incremental detokenization (stop strings are matched on its text by plexus.core.stopping).
 
 One `IncrementalDetokenizer` per sequence turns the tokens generated so far
 into text as they arrive, without re-decoding the whole sequence each step.
@@ -38,10 +38,6 @@ class IncrementalDetokenizer:
         skip_special_tokens: leave special tokens out of the text.
         spaces_between_special_tokens: passed on to `tokenizer.decode`; like
             vLLM, only tokenizers whose decode honours it (slow ones) use it.
-        stop: strings that end generation when they appear in the text.
-        include_stop_str_in_output: keep the matched stop string in the text.
-        min_tokens: stop strings are not looked for in text that the first
-            `min_tokens` generated tokens produced (vLLM's `min_tokens`).
     """
 
     def __init__(
@@ -51,17 +47,10 @@ class IncrementalDetokenizer:
         *,
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
-        stop: list[str] | None = None,
-        include_stop_str_in_output: bool = False,
-        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
-        # An empty stop string would match before any text; vLLM drops it too.
-        self.stop = [s for s in (stop or []) if s]
-        self.include_stop_str_in_output = include_stop_str_in_output
-        self.min_tokens = min_tokens
 
         self._token_ids: list[int] = []
         # The ids from the prefix offset on; `_read` is the read offset within
@@ -70,10 +59,10 @@ class IncrementalDetokenizer:
         self._read = len(self._window)
         self._prefix_text: str | None = None  # decode of _window[:_read], cached
 
-        self._text = ""  # all complete text so far, stop strings cut
-        self._held = 0  # chars at the end of _text that may start a stop string
+        self.text = ""  # all complete text so far (a stop string cut, see cut())
+        self.held = 0  # chars at the end of text not shown yet (they may start a stop string)
         self._sent = 0  # chars of output_text already returned as deltas
-        self._stop_str: str | None = None
+        self._cut = False  # the text was cut at a stop string: nothing more is added
         self._finished = False
 
     @property
@@ -82,35 +71,23 @@ class IncrementalDetokenizer:
         return self._token_ids
 
     @property
-    def stop_str(self) -> str | None:
-        """The stop string that ended the text, or None."""
-        return self._stop_str
-
-    @property
     def output_text(self) -> str:
-        """The text that is safe to show: no half character, and no tail that a
-        later token could turn into a stop string that gets cut."""
-        return self._text[: len(self._text) - self._held]
+        """The text that is safe to show: no half character, and no held tail."""
+        return self.text[: len(self.text) - self.held]
 
-    def update(self, new_token_ids: list[int]) -> str | None:
-        """Append newly generated tokens; return the stop string that matched
-        (the text is then already cut), or None."""
-        if self._stop_str is not None or self._finished:
-            self._token_ids.extend(new_token_ids)
-            return self._stop_str
-
-        check_from = len(self._text)
+    def update(self, new_token_ids: list[int]) -> None:
+        """Append newly generated tokens and the text they complete."""
+        self._token_ids.extend(new_token_ids)
+        if self._cut or self._finished:
+            return
         for token_id in new_token_ids:
-            self._token_ids.append(token_id)
-            self._text += self._decode_next(token_id)
-            if len(self._token_ids) <= self.min_tokens:
-                check_from = len(self._text)
+            self.text += self._decode_next(token_id)
 
-        if self.stop:
-            self._check_stop(check_from)
-        if self._stop_str is None and self.stop and not self.include_stop_str_in_output:
-            self._held = self._stop_prefix_len()
-        return self._stop_str
+    def cut(self, end: int) -> None:
+        """End the text at `end` (a stop string matched); later tokens add no text."""
+        self.text = self.text[:end]
+        self.held = 0
+        self._cut = True
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """The text to put in a RequestOutput: all of `output_text` or, with
@@ -158,45 +135,13 @@ class IncrementalDetokenizer:
         self._prefix_text = None
         return new_text[len(prefix_text) :]
 
-    def _check_stop(self, check_from: int) -> None:
-        """Find the stop string whose first match ends earliest after
-        `check_from` (earlier text was checked before) and cut the text there."""
-        text = self._text
-        best: tuple[int, int, str] | None = None  # (end, start, stop string)
-        for s in self.stop:
-            start = text.find(s, max(check_from - len(s) + 1, 0))
-            if start == -1:
-                continue
-            # The earliest end is the match a one-token-at-a-time stream would
-            # have hit first, so the cut does not depend on how tokens arrive.
-            candidate = (start + len(s), start, s)
-            if best is None or candidate[:2] < best[:2]:
-                best = candidate
-        if best is None:
-            return
-        end, start, s = best
-        self._text = text[: end if self.include_stop_str_in_output else start]
-        self._stop_str = s
-        self._held = 0
-
-    def _stop_prefix_len(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a
-        stop string."""
-        text, longest = self._text, 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
-
     def _finish(self) -> None:
         if self._finished:
             return
         self._finished = True
-        if self._stop_str is None:
-            self._text += self._take_new_text(final=True)
-        self._held = 0
+        if not self._cut:
+            self.text += self._take_new_text(final=True)
+        self.held = 0
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -8,17 +8,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from plexus.core import stopping
 from plexus.core.config import EngineArgs, EngineConfig
 from plexus.core.detokenizer import IncrementalDetokenizer, detokenize_logprob_token
 from plexus.core.executor import Executor
 from plexus.core.kv_cache import KVCacheManager
 from plexus.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from plexus.core.request import Request, RequestStatus
+from plexus.core.sampler import uses_penalties
 from plexus.core.sampling_params import SamplingParams
-from plexus.core.scheduler import Scheduler
-from plexus.worker.model_runner import TokenLogprobs
+from plexus.core.scheduler import Scheduler, SchedulerOutput
+from plexus.core.step import SequenceStep, StepInput, TokenLogprobs
 
 logger = logging.getLogger("plexus")
 
@@ -28,7 +28,7 @@ class _Sequence:
     """Engine-side state of one generated sequence: its text and logprobs."""
     request: Request
     index: int
-    detokenizer: IncrementalDetokenizer | None
+    stop_strings: stopping.StopStrings | None     # holds the detokenizer; None without one
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
 
@@ -51,7 +51,8 @@ def load_tokenizer(config: EngineConfig):
 
     source = config.model.tokenizer or str(config.model.model_dir)
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=config.model.tokenizer_mode != "slow",
+                                             trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {source!r}: {e}") from None
 
@@ -65,7 +66,8 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.device = self.executor.device
-        self.default_generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
+        self.log_stats = log_stats
+        self._stats = _Stats()
         eos = config.model.eos_token_ids()
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
@@ -118,21 +120,19 @@ class LLMEngine:
             if index > 0 and params.prompt_logprobs is not None:
                 child_params = params.clone()
                 child_params.prompt_logprobs = None      # the prompt is shared; score it once
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             request = Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{index}", parent_id=request_id,
                 prompt_token_ids=prompt_ids, sampling_params=child_params, max_tokens=max_tokens,
-                eos_token_ids=self.eos_token_ids, generator=generator, arrival_time=arrival)
-            detokenizer = None
+                eos_token_ids=self.eos_token_ids, seed=None if params.seed is None else params.seed + index,
+                arrival_time=arrival)
+            stop_strings = None
             if self.tokenizer is not None and params.detokenize:
                 detokenizer = IncrementalDetokenizer(
                     self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                    spaces_between_special_tokens=params.spaces_between_special_tokens,
-                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
-                    min_tokens=params.min_tokens)
-            state.sequences.append(_Sequence(request, index, detokenizer,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens)
+                stop_strings = stopping.StopStrings(detokenizer, params.stop, params.include_stop_str_in_output,
+                                                    params.min_tokens)
+            state.sequences.append(_Sequence(request, index, stop_strings,
                                              [] if params.logprobs is not None else None))
         self._states[request_id] = state
         for seq in state.sequences:
@@ -226,7 +226,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        result = self.executor.execute_model(scheduled, self.default_generator)
+        result = self.executor.execute_model(self._step_input(scheduled))
         self.scheduler.update_after_step(scheduled)
         now = time.time()
 
@@ -234,13 +234,15 @@ class LLMEngine:
         for s in scheduled.scheduled:
             request = s.request
             state = self._states[request.parent_id]
-            if request in result.prompt_logprobs:
-                self._add_prompt_logprobs(request, state, result.prompt_logprobs[request])
-            sampled = result.sampled.get(request)
-            if sampled is None:
+            prompt_logprobs = result.prompt_logprobs.get(request.request_id)
+            if prompt_logprobs:
+                self._add_prompt_logprobs(request, state, prompt_logprobs)
+            tokens = result.sampled.get(request.request_id)
+            if not tokens:
                 continue
-            seq = next(q for q in state.sequences if q.request is request)
-            self._append_token(seq, sampled, now)
+            seq = state.sequences[0] if len(state.sequences) == 1 else \
+                next(q for q in state.sequences if q.request is request)
+            self._append_tokens(seq, tokens, now)
             progressed[state.request_id] = state
 
         outputs = []
@@ -249,38 +251,46 @@ class LLMEngine:
             outputs.append(self._make_output(state, finished, now))
             if finished:
                 del self._states[state.request_id]
+        if self.log_stats:
+            self._stats.record(scheduled, sum(len(t) for t in result.sampled.values()), now, self.scheduler)
         return outputs
 
-    def _append_token(self, seq: _Sequence, sampled: TokenLogprobs, now: float) -> None:
+    def _step_input(self, scheduled: SchedulerOutput) -> StepInput:
+        """The step as plain data (core/step.py): what the model side needs, nothing live."""
+        sequences = []
+        for s in scheduled.scheduled:
+            r = s.request
+            params = r.sampling_params
+            penalized = uses_penalties([params])
+            scoring_prompt = params.prompt_logprobs is not None and s.start < r.num_prompt_tokens
+            sequences.append(SequenceStep(
+                request_id=r.request_id, token_ids=r.token_ids[s.start:s.start + s.num_tokens], start=s.start,
+                block_ids=r.block_ids, sample=s.samples, params=params, num_prompt_tokens=r.num_prompt_tokens,
+                seed=r.seed, seed_offset=r.num_output_tokens,
+                banned_token_ids=stopping.banned_token_ids(r) if s.samples else [],
+                prompt_token_ids=r.prompt_token_ids if penalized or scoring_prompt else None,
+                output_token_ids=r.output_token_ids if penalized else None,
+                prompt_logprobs_from=len(r.prompt_logprobs) if r.prompt_logprobs else 1))
+        return StepInput(sequences)
+
+    def _append_tokens(self, seq: _Sequence, tokens: list[TokenLogprobs], now: float) -> None:
+        """Append what the step accepted, token by token, until the sequence stops (plexus.core.stopping);
+        tokens after the stop are dropped."""
         request = seq.request
-        params = request.sampling_params
-        token = sampled.token_id
-        request.append_token(token)
         if request.first_token_time is None:
             request.first_token_time = now
         request.last_token_time = now
-        seq.cumulative_logprob += sampled.logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(sampled))
-
-        status = None
-        stop_token = False
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                status, stop_token = RequestStatus.FINISHED_STOPPED, True
-            elif params.stop_token_ids and token in params.stop_token_ids:
-                status, stop_token = RequestStatus.FINISHED_STOPPED, True
-                request.stop_reason = token
-        if seq.detokenizer is not None and not (stop_token and not params.include_stop_str_in_output):
-            stop_str = seq.detokenizer.update([token])
-            if stop_str is not None:
-                status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = stop_str
-        if status is None and (request.num_output_tokens >= request.max_tokens
-                               or request.num_tokens >= self.config.model.max_model_len):
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish(request, status)
+        for sampled in tokens:
+            request.append_token(sampled.token_id)
+            seq.cumulative_logprob += sampled.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._logprob_dict(sampled))
+            stop = stopping.stop_after_token(request, sampled.token_id, seq.stop_strings,
+                                             self.config.model.max_model_len)
+            if stop is not None:
+                request.stop_reason = stop[1]
+                self.scheduler.finish(request, stop[0])
+                return
 
     def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
         out = {entry.token_id: Logprob(entry.logprob, entry.rank, self._decode_token(entry.token_id))}
@@ -303,9 +313,10 @@ class LLMEngine:
         for seq in state.sequences:
             request = seq.request
             text = ""
-            if seq.detokenizer is not None:
-                text = seq.detokenizer.output_text if not request.is_finished else \
-                    seq.detokenizer.get_next_output_text(finished=True, delta=False)
+            if seq.stop_strings is not None:
+                detokenizer = seq.stop_strings.detokenizer
+                text = detokenizer.output_text if not request.is_finished else \
+                    detokenizer.get_next_output_text(finished=True, delta=False)
             completions.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=list(request.output_token_ids),
                 cumulative_logprob=seq.cumulative_logprob, logprobs=seq.logprobs,
@@ -321,3 +332,25 @@ class LLMEngine:
             request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
             prompt_logprobs=state.prompt_logprobs, outputs=completions, finished=finished, metrics=metrics,
             lora_request=state.lora_request, num_cached_tokens=first.num_cached_tokens)
+
+
+class _Stats:
+    """What disable_log_stats=False logs every few seconds, as vLLM's engine does."""
+
+    INTERVAL_S = 5.0
+
+    def __init__(self) -> None:
+        self.last = time.time()
+        self.prompt_tokens = self.generated_tokens = 0
+
+    def record(self, scheduled: SchedulerOutput, generated: int, now: float, scheduler: Scheduler) -> None:
+        self.prompt_tokens += sum(s.num_tokens for s in scheduled.scheduled
+                                  if s.start < s.request.num_prompt_tokens)
+        self.generated_tokens += generated
+        elapsed = now - self.last
+        if elapsed >= self.INTERVAL_S:
+            logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+                        "Running: %d reqs, Waiting: %d reqs, Preemptions: %d", self.prompt_tokens / elapsed,
+                        self.generated_tokens / elapsed, len(scheduler.running), len(scheduler.waiting),
+                        scheduler.num_preemptions)
+            self.last, self.prompt_tokens, self.generated_tokens = now, 0, 0

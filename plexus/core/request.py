@@ -7,8 +7,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from plexus.core.sampling_params import SamplingParams
 
 
@@ -37,7 +35,7 @@ class Request:
     sampling_params: SamplingParams
     max_tokens: int                       # resolved: never runs past max_model_len
     eos_token_ids: frozenset[int]
-    generator: torch.Generator | None = None
+    seed: int | None = None               # this sequence's sampling seed (the request's + its index)
     parent_id: str = ""                  # the user's request id (children of n > 1 share it)
     arrival_time: float = field(default_factory=time.time)
     status: RequestStatus = RequestStatus.WAITING

@@ -15,11 +15,11 @@ values for a row whether or not the stage's fast path skips it for the batch,
 which is what keeps that promise when the batch's mix of settings changes.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from plexus import kernels
 from plexus.core.sampling_params import SAMPLING_EPS, SamplingParams
 
 
@@ -117,7 +117,20 @@ class SamplerOutput:
     topk_logprobs: torch.Tensor | None  # [N, K] float32
 
 
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of [N, V] logits: the argmax (int64) and its log-probability (fp32)."""
+    ids = logits.argmax(dim=-1)
+    return ids, torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids[:, None])[:, 0]
+
+
 class Sampler(torch.nn.Module):
+    """greedy_sample: the platform's one-pass version of the function above (ModelOps.greedy_sample)."""
+
+    def __init__(self, greedy_sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = greedy_sample
+                 ) -> None:
+        super().__init__()
+        self.greedy_sample = greedy_sample
+
     def forward(
         self,
         logits: torch.Tensor,  # [N, V]
@@ -127,7 +140,7 @@ class Sampler(torch.nn.Module):
         if (metadata.all_greedy and metadata.no_penalties and not metadata.any_logprobs
                 and not any(metadata.banned_token_ids)):
             # The common case (greedy, nothing to report but the token's logprob): one pass over the logits.
-            sampled, sampled_logprobs = kernels.greedy_sample(logits)
+            sampled, sampled_logprobs = self.greedy_sample(logits)
             return SamplerOutput(sampled, sampled_logprobs, None, None, None)
         raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [N, V]
         # One float32 copy that the stages below may modify in place (none needed if no stage will).

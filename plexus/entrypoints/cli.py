@@ -7,7 +7,8 @@ import sys
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from plexus import LLM, SamplingParams
+    from plexus.core.sampling_params import SamplingParams
+    from plexus.entrypoints.llm import LLM
 
     # Sampling settings first: a typo fails before the model loads.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -31,6 +31,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("disable_log_stats", True)   # as vLLM's LLM: offline runs show a progress bar instead
         engine_args = EngineArgs.from_kwargs("LLM", model=model, tokenizer=tokenizer, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(engine_args)
         self._request_counter = itertools.count()

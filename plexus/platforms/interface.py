@@ -1,14 +1,25 @@
 """The contract every device implements. The core asks the platform; it never
-branches on a device name."""
+branches on a device name.
+
+The interface names implementations by their qualified names (the worker
+class, the attention backend, the model's ops) instead of importing them, so
+it depends on nothing in plexus: the core can hold a Platform without pulling
+in any model or device code."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
     from plexus.core.config import EngineConfig
-    from plexus.worker.worker import Worker
+
+
+def resolve_obj_by_qualname(qualname: str) -> Any:
+    """"package.module.Name" -> the object."""
+    module_name, _, name = qualname.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
 
 
 class Platform:
@@ -28,6 +39,8 @@ class Platform:
     default_block_size: ClassVar[int] = 16
     # Higher wins under device="auto" among the available platforms.
     auto_priority: ClassVar[int] = 0
+    # The worker that owns the model and the KV cache: plexus's torch worker unless the platform has its own.
+    worker_cls: ClassVar[str] = "plexus.worker.worker.Worker"
 
     def is_available(self) -> bool:
         """Cheap: may not import heavy SDKs or touch the device."""
@@ -65,16 +78,19 @@ class Platform:
         """After the weights are loaded: device-specific layouts (e.g. prepacked matmul weights)."""
         return model
 
-    def make_worker(self, config: EngineConfig, rank: int = 0) -> Worker:
-        """The worker that owns the model and the KV cache on this device."""
-        from plexus.worker.worker import Worker
+    def make_worker(self, config: EngineConfig, rank: int = 0) -> Any:
+        """The worker that owns the model and the KV cache on this device: an object with
+        execute_model(StepInput) -> StepOutput and a `device`."""
+        return resolve_obj_by_qualname(self.worker_cls)(config, self, rank)
 
-        return Worker(config, self, rank)
+    def attention_backend(self, config: EngineConfig) -> str:
+        """The qualified name of the paged attention class the model uses."""
+        return "plexus.models.layers.attention.TorchPagedAttention"
 
-    def attention_backend(self, config: EngineConfig) -> type:
-        from plexus.models.layers.attention import TorchPagedAttention
-
-        return TorchPagedAttention
+    def model_ops(self, config: EngineConfig) -> str:
+        """The qualified name of the model's ModelOps class (elementwise ops, matmuls, sampling fast paths,
+        an optional fused decode step); built with its from_config(config). Plain torch by default."""
+        return "plexus.models.layers.ops.ModelOps"
 
     def distributed_backend(self) -> str | None:
         return None

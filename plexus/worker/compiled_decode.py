@@ -26,19 +26,27 @@ logger = logging.getLogger("plexus")
 
 class CompiledDecode:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], sizes: list[int],
-                 max_blocks: int, scratch_block: int, block_size: int) -> None:
+                 max_blocks: int, scratch_block: int, block_size: int, masked: bool = False,
+                 max_seq_len: int | None = None) -> None:
+        """masked: the attention backend needs a decode mask (it does not read block tables itself);
+        max_seq_len: longer sequences run eagerly (vLLM's max_seq_len_to_capture)."""
         self.model = model
+        self.masked = masked
+        if max_seq_len is not None:
+            max_blocks = min(max_blocks, -(-max_seq_len // block_size))
         self.kv_caches = kv_caches
         self.sizes = sizes
         self.max_blocks = max_blocks
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
+        self.block_size = block_size
         self.graphs: dict[int, object] = {}
         self.bucket_steps: dict[int, int] = {}     # bucket -> steps it served (for tests and stats)
 
     def bucket_for(self, meta: AttentionMetadata) -> int | None:
         """The bucket a step would run in, or None when it is not a pure decode step that fits one."""
         if meta.prefills or meta.decode is None or meta.decode.block_tables.shape[1] > self.max_blocks:
+            # (With the kernel's decode-only metadata the block tables are as wide as the longest sequence.)
             return None
         return buckets.pick_bucket(meta.num_tokens, self.sizes)
 
@@ -63,7 +71,11 @@ class CompiledDecode:
         return out[:n]
 
     def _forward(self, input_ids, positions, slot_mapping, block_tables, seq_lens, kv_caches):
+        mask = None
+        if self.masked:
+            width = block_tables.shape[1] * self.block_size
+            mask = (torch.arange(width, device=seq_lens.device)[None, :] < seq_lens[:, None])[:, None, None, :]
         meta = AttentionMetadata(
             positions=positions, slot_mapping=slot_mapping, num_tokens=input_ids.shape[0],
-            decode=_DecodeGroup(tokens=None, block_tables=block_tables, seq_lens=seq_lens, mask=None), prefills=[])
+            decode=_DecodeGroup(tokens=None, block_tables=block_tables, seq_lens=seq_lens, mask=mask), prefills=[])
         return self.model(input_ids, positions, kv_caches, meta, fused=False)

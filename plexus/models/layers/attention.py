@@ -3,9 +3,10 @@
 Keys and values live in blocks of the cache; each request's block table
 lists its blocks in order. Per step, the metadata below is built once and
 shared by every layer. Sequences with a single new token (decodes, and
-one-token prefill chunks) go to a decode kernel that reads keys and values
-straight through the block table (without the CPU kernels: a batched SDPA
-over keys gathered through the block tables, masked to each length). Longer
+one-token prefill chunks) form one decode group: here a batched SDPA over
+keys gathered through the block tables, masked to each length; a platform's
+backend may read keys and values straight through the block table instead
+(decode_reads_block_tables, e.g. the CPU platform's C++ kernel). Longer
 chunks run one SDPA call each over their own keys, causal from their first
 new token, so no query is padded to another sequence's length."""
 from __future__ import annotations
@@ -15,8 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from plexus import kernels
 
 
 @dataclass
@@ -49,9 +48,8 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]],
-              block_size: int, device: torch.device, use_decode_kernel: bool | None = None) -> AttentionMetadata:
-        if use_decode_kernel is None:
-            use_decode_kernel = kernels.available(device)
+              block_size: int, device: torch.device, use_decode_kernel: bool = False) -> AttentionMetadata:
+        """use_decode_kernel: the backend reads decode keys through the block tables itself (no mask)."""
         s_lens = np.asarray(seq_lens, dtype=np.int64)
         if use_decode_kernel and len(query_lens) == sum(query_lens):
             return cls._build_decode_only(s_lens, block_ids, block_size, device)
@@ -114,8 +112,11 @@ def _block_tables(block_ids: list[list[int]], seq_lens: np.ndarray, block_size: 
 class TorchPagedAttention:
     """Attention over a paged cache of shape [2, num_blocks, block_size, num_kv_heads, head_dim].
 
-    The new keys and values are already in the cache (RotaryEmbedding.apply_and_cache put them there);
+    The new keys and values are already in the cache (ModelOps.rope_and_cache put them there);
     this reads them back with everything before them."""
+
+    # Whether decode groups need no mask: the backend reads keys through the block tables itself.
+    decode_reads_block_tables = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -136,10 +137,6 @@ class TorchPagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup) -> torch.Tensor:
-        if group.mask is None:
-            out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens,
-                                                          self.scale)
-            return out.view(q.shape[0], -1)
         num_seqs, max_len = q.shape[0], group.mask.shape[-1]
         keys = kv_cache[0][group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :max_len]
         values = kv_cache[1][group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :max_len]

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from plexus import kernels
+from plexus.models.layers.ops import ModelOps
 
 
 class RMSNorm(nn.Module):
@@ -9,12 +9,13 @@ class RMSNorm(nn.Module):
     rounding matches the reference. Given a residual, adds it first (rounded
     to the model dtype, as HF's separate add is) and returns both."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, ops: ModelOps | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.ops = ops or ModelOps()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plexus.models.layers.linear import LinearLayer, LinearMethod
+from plexus.models.quantization.base import QuantizationConfig
+
 QUANT_DTYPES = {"s8": torch.int8, "f8e4m3fn": torch.float8_e4m3fn}
 # The largest quantized magnitude: int8's, and for fp8 transformers-neuronx's FpBounds.max (Neuron's e4m3
 # range), 240 rather than float8_e4m3fn's 448, so that the stored values are the ones the Neuron SDK stores.
@@ -24,21 +27,21 @@ INT8PACK_MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
-class NeuronQuantConfig:
+class NeuronQuantConfig(QuantizationConfig):
     quant_dtype: str = "s8"   # "s8" | "f8e4m3fn", from NEURON_QUANT_DTYPE as in vLLM
+    ignored: tuple[str, ...] = ()
+    name = "neuron_quant"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> NeuronQuantConfig:
-        quant_dtype = environ.get("NEURON_QUANT_DTYPE", "s8")
+    def from_config(cls, hf_quant_config: dict | None, environ: Mapping[str, str]) -> NeuronQuantConfig:
+        quant_dtype = environ.get("NEURON_QUANT_DTYPE") or "s8"
         if quant_dtype not in QUANT_DTYPES:
             raise ValueError(f"NEURON_QUANT_DTYPE={quant_dtype!r} is not supported; allowed: {', '.join(QUANT_DTYPES)}")
         return cls(quant_dtype)
 
-    def quantize_layer(self, prefix: str, layer: nn.Module) -> nn.Module | None:
-        """The replacement for a model's submodule, or None to keep it: decoder layers' nn.Linear only."""
-        if isinstance(layer, nn.Linear) and prefix.startswith("layers."):
-            return NeuronQuantLinear(layer, self.quant_dtype)
-        return None
+    def quantized_method(self, prefix: str) -> LinearMethod | None:
+        """Decoder layers' matmuls only: the embeddings and the lm_head stay unquantized, as in the SDK."""
+        return NeuronQuantLinearMethod(self.quant_dtype) if prefix.startswith("layers.") else None
 
 
 def quantize_weight(weight: torch.Tensor, quant_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,28 +58,32 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale[:, None]).to(dtype)
 
 
-class NeuronQuantLinear(nn.Module):
-    """An nn.Linear whose weight is stored quantized (the full-precision one is dropped); the bias stays in
-    the compute dtype."""
+class NeuronQuantLinearMethod(LinearMethod):
+    """Loads the checkpoint's full-precision `weight`, then keeps it quantized (`weight` [N, K] int8 or
+    float8_e4m3fn, `weight_scale` [N] fp32) and drops the original; the bias stays in the compute dtype."""
 
-    def __init__(self, linear: nn.Linear, quant_dtype: str) -> None:
-        super().__init__()
-        q, scale = quantize_weight(linear.weight.detach(), quant_dtype)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(q, requires_grad=False)               # [N, K] int8 | float8_e4m3fn
-        self.weight_scale = nn.Parameter(scale, requires_grad=False)     # [N] fp32
-        self.bias = linear.bias
+    quantized = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
+    def __init__(self, quant_dtype: str) -> None:
+        self.quant_dtype = quant_dtype
+
+    def process_weights_after_loading(self, layer: LinearLayer) -> None:
+        q, scale = quantize_weight(layer.weight.detach(), self.quant_dtype)
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
+        out_features, in_features = layer.weight.shape
+        rows = x.numel() // in_features
         # (In compiled graphs inductor lowers the cast-and-matmul form below itself.)
-        if (self.weight.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
+        if (layer.weight.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
                 and x.device.type == "cpu" and 0 < rows <= INT8PACK_MAX_ROWS and not torch.compiler.is_compiling()):
             # Unit scales: the kernel only does the int8 x bf16 product, the fp32 rescale is Neuron's below.
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight,
-                                                     x.new_ones(self.out_features))
-            out = out.view(*x.shape[:-1], self.out_features)
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, in_features).contiguous(), layer.weight,
+                                                     x.new_ones(out_features))
+            out = out.view(*x.shape[:-1], out_features)
         else:
-            out = F.linear(x, self.weight.to(x.dtype))   # int8 and e4m3 values are exact in bf16
-        out = (out * self.weight_scale).to(x.dtype)
-        return out if self.bias is None else out + self.bias
+            out = F.linear(x, layer.weight.to(x.dtype))   # int8 and e4m3 values are exact in bf16
+        out = (out * layer.weight_scale).to(x.dtype)
+        bias = layer.bias_for_rank()
+        return out if bias is None else out + bias

@@ -10,10 +10,10 @@ from __future__ import annotations
 import glob
 import importlib.util
 import logging
-import os
 
 import torch
 
+from plexus.platforms import host
 from plexus.platforms.interface import Platform
 from plexus.platforms.registry import hookimpl
 
@@ -70,10 +70,9 @@ class NeuronPlatform(Platform):
             override_neuron_config, read_settings, visible_neuron_cores)
 
         if backend_of(override_neuron_config(config.extra)) == REFERENCE_BACKEND:
-            from plexus.platforms.cpu import CpuPlatform
-
-            CpuPlatform().check_and_update_config(config)   # it computes on this CPU: the CPU's dtype rules
-        settings = read_settings(config, os.environ, visible_neuron_cores(os.environ))
+            host.apply_cpu_dtype_rules(config.model)   # it computes on this CPU: the CPU's dtype rules
+        variables = config.env.variables()
+        settings = read_settings(config, variables, visible_neuron_cores(variables))
         max_model_len = config.model.max_model_len
         cache, sched = config.cache, config.scheduler
         if cache.block_size_explicit and cache.block_size != max_model_len:
@@ -108,20 +107,13 @@ class NeuronPlatform(Platform):
         config.extra["neuron_settings"] = settings
 
     def kv_cache_budget_bytes(self, config) -> int:
-        from plexus.platforms.cpu import DEFAULT_KV_CACHE_SPACE_GIB
-
         space = config.cache.kv_cache_space
-        return int((DEFAULT_KV_CACHE_SPACE_GIB if space is None else space) * (1 << 30))
+        return int((host.DEFAULT_KV_CACHE_SPACE_GIB if space is None else space) * (1 << 30))
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        from plexus.platforms.cpu import CpuPlatform
+        return host.lazy_zeros(shape, dtype)     # lazily zeroed host memory
 
-        return CpuPlatform.zeros(self, shape, dtype)     # lazily zeroed host memory, as on CPU
-
-    def make_worker(self, config, rank: int = 0):
-        from plexus.platforms.neuron.worker import NeuronWorker
-
-        return NeuronWorker(config, self, config.extra["neuron_settings"])
+    worker_cls = "plexus.platforms.neuron.worker.NeuronWorker"
 
 
 @hookimpl

@@ -66,10 +66,8 @@ class ReferenceCompiledModel:
     plexus.platforms.neuron.sdk.TransformersNeuronxModel."""
 
     def __init__(self, config, settings: NeuronSettings, platform) -> None:
-        from plexus import kernels
         from plexus.worker.worker import build_model
 
-        kernels.fast_linear_available()   # builds and probes the kernels now: dynamo cannot trace that
         self.settings = settings
         self.model = build_model(config, platform, SlotAttention)
         m = config.model

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from plexus.platforms.neuron.settings import NeuronSettings
-from plexus.utils import cache_dir
 
 logger = logging.getLogger("plexus")
 
@@ -72,15 +71,16 @@ def model_spec(config, settings: NeuronSettings, sdk_version: str = "unknown") -
         },
         neuron_config=neuron_config,
         artifacts_dir=Path())
-    spec.artifacts_dir = artifacts_dir(spec, _weights_fingerprint(config.model.model_dir), sdk_version)
+    spec.artifacts_dir = artifacts_dir(spec, _weights_fingerprint(config.model.model_dir), sdk_version,
+                                       config.env.cache_dir)
     return spec
 
 
-def artifacts_dir(spec: NeuronModelSpec, weights: str, sdk_version: str) -> Path:
-    """cache_dir()/neuron/<model>-<hash of the model's weights, every graph-shaping argument, SDK version>."""
+def artifacts_dir(spec: NeuronModelSpec, weights: str, sdk_version: str, cache_dir: Path) -> Path:
+    """cache_dir/neuron/<model>-<hash of the model's weights, every graph-shaping argument, SDK version>."""
     key = json.dumps({**spec.cache_key(), "weights": weights, "sdk": sdk_version}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "neuron" / f"{Path(spec.model_path).name}-{digest}"
+    return Path(cache_dir) / "neuron" / f"{Path(spec.model_path).name}-{digest}"
 
 
 def _weights_fingerprint(model_dir: Path) -> str:

@@ -94,7 +94,7 @@ def read_settings(config, environ: Mapping[str, str], visible_cores: tuple[int, 
 
     # One reading of NEURON_QUANT_DTYPE: the neuron_quant method's (validated even when unused, since a typo
     # there is a typo either way).
-    quant = config.quant_config or NeuronQuantConfig.from_environ(environ)
+    quant = NeuronQuantConfig.from_config(None, environ)
 
     tp = config.parallel.tensor_parallel_size
     if visible_cores is not None and tp > visible_cores[0]:

@@ -24,9 +24,9 @@ import torch
 
 from plexus.core import buckets
 from plexus.core.sampler import Sampler
-from plexus.core.scheduler import ScheduledRequest, SchedulerOutput
+from plexus.core.step import SequenceStep, StepInput, StepOutput
 from plexus.platforms.neuron.settings import REFERENCE_BACKEND, NeuronSettings
-from plexus.worker.model_runner import ModelRunnerOutput, sample_requests
+from plexus.worker.model_runner import sample_sequences
 
 logger = logging.getLogger("plexus")
 
@@ -39,25 +39,26 @@ class BucketCall:
 
 
 class NeuronModelRunner:
-    def __init__(self, settings: NeuronSettings, model) -> None:
+    def __init__(self, settings: NeuronSettings, model, seed: int = 0) -> None:
         self.settings = settings
         self.model = model           # the compiled-model contract: forward(input_ids, cache_ids, start_ids)
         self.sampler = Sampler()
+        self.generator = torch.Generator().manual_seed(seed)   # unseeded sequences' shared generator
         self.logits_dtype = getattr(torch, settings.cast_logits_dtype)
         self.last_step: list[BucketCall] = []        # the calls of the latest step (tests, debugging)
         self.bucket_counts: Counter[tuple[str, int]] = Counter()   # calls per (kind, bucket) since start
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, default_generator: torch.Generator | None) -> ModelRunnerOutput:
+    def execute(self, step: StepInput) -> StepOutput:
         decodes, prefills = [], []
-        for s in out.scheduled:
-            if s.start == 0 and s.samples:
+        for s in step.sequences:
+            if s.start == 0 and s.sample:
                 prefills.append(s)
-            elif s.num_tokens == 1 and s.samples:
+            elif s.num_tokens == 1 and s.sample:
                 decodes.append(s)
             else:
                 raise RuntimeError(f"the Neuron runner needs whole prompts and single decode tokens; request "
-                                   f"{s.request.request_id!r} was scheduled for tokens "
+                                   f"{s.request_id!r} was scheduled for tokens "
                                    f"[{s.start}, {s.start + s.num_tokens}) (is chunked prefill on?)")
         self.last_step = []
         logits: dict[int, torch.Tensor] = {}          # id(scheduled) -> [vocab]
@@ -65,20 +66,18 @@ class NeuronModelRunner:
             logits.update(self._token_generation(decodes))
         for s in prefills:
             logits[id(s)] = self._context_encoding(s)
-        result = ModelRunnerOutput()
-        order = [s for s in out.scheduled if s.samples]
+        order = [s for s in step.sequences if s.sample]
         rows = torch.stack([logits[id(s)] for s in order]).to(self.logits_dtype)
-        sample_requests(self.sampler, [s.request for s in order], rows, default_generator, result)
-        return result
+        return StepOutput(sampled=sample_sequences(self.sampler, order, rows, self.generator))
 
-    def _token_generation(self, decodes: list[ScheduledRequest]) -> dict[int, torch.Tensor]:
+    def _token_generation(self, decodes: list[SequenceStep]) -> dict[int, torch.Tensor]:
         size = self.settings.batch_size
         input_ids = torch.zeros(size, 1, dtype=torch.long)
         cache_ids = torch.zeros(size, 1, dtype=torch.long)
         slots = []
         for s in decodes:
             slot = _slot(s)
-            input_ids[slot, 0] = s.request.token_ids[s.start]
+            input_ids[slot, 0] = s.token_ids[0]
             cache_ids[slot, 0] = s.start
             slots.append(slot)
         bucket = buckets.pick_bucket(int(cache_ids.max()) + 1, self.settings.token_gen_buckets)
@@ -89,8 +88,8 @@ class NeuronModelRunner:
         self._record(BucketCall("token_gen", bucket, len(decodes)))
         return {id(s): logits[slot] for s, slot in zip(decodes, slots)}
 
-    def _context_encoding(self, s: ScheduledRequest) -> torch.Tensor:
-        tokens = s.request.token_ids[:s.num_tokens]
+    def _context_encoding(self, s: SequenceStep) -> torch.Tensor:
+        tokens = s.token_ids
         bucket = buckets.pick_bucket(len(tokens), self.settings.context_buckets)
         if bucket is None:
             raise RuntimeError(f"a prompt of {len(tokens)} tokens is past the largest context bucket "
@@ -108,12 +107,13 @@ class NeuronModelRunner:
         self.bucket_counts[call.kind, call.bucket] += 1
 
 
-def _slot(s: ScheduledRequest) -> int:
-    return s.request.block_ids[0]
+def _slot(s: SequenceStep) -> int:
+    return s.block_ids[0]
 
 
 class NeuronWorker:
-    def __init__(self, config, platform, settings: NeuronSettings) -> None:
+    def __init__(self, config, platform, rank: int = 0) -> None:
+        settings: NeuronSettings = config.extra["neuron_settings"]
         self.config = config
         self.device = torch.device("cpu")      # the SDK takes and returns host tensors; sampling runs here
         # One KV slot per sequence, the compiled batch: the block manager hands out slot ids.
@@ -127,9 +127,9 @@ class NeuronWorker:
 
             spec = sdk.model_spec(config, settings, sdk.sdk_version())
             self.model = sdk.TransformersNeuronxModel(sdk.load_sdk_model(spec))
-        self.runner = NeuronModelRunner(settings, self.model)
+        self.runner = NeuronModelRunner(settings, self.model, config.model.seed)
         logger.info("Neuron (%s): batch %d, context buckets %s, token-gen buckets %s, tp %d", settings.backend,
                     settings.batch_size, settings.context_buckets, settings.token_gen_buckets, settings.tp_degree)
 
-    def execute_model(self, scheduler_output, default_generator):
-        return self.runner.execute(scheduler_output, default_generator)
+    def execute_model(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step)

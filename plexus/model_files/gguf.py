@@ -123,7 +123,7 @@ def convert_gguf(gguf_path, cache_root=None) -> pathlib.Path:
 
 
 def _cache_root(cache_root) -> pathlib.Path:
-    from plexus.utils import cache_dir
+    from plexus.envs import cache_dir
 
     return pathlib.Path(cache_root).expanduser() if cache_root is not None else cache_dir()
 

@@ -1,0 +1,56 @@
+"""What a model directory's config.json and generation_config.json say."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+import transformers
+
+from plexus.model_files.resolve import missing_config_message
+
+
+def load_config(model_dir, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+    """The model's transformers config. Whether plexus can run its architecture is the model
+    registry's question (plexus.models.registry), asked when the model is built."""
+    model_dir = pathlib.Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(missing_config_message(model_dir))
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read {model_dir / 'config.json'}: {error}") from None
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint was saved in (config `dtype`/`torch_dtype`), float32 if unstated."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"config dtype {dtype!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def load_generation_config(model_dir) -> dict:
+    """generation_config.json of `model_dir` as a dict, {} when there is none."""
+    path = pathlib.Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"cannot parse {path}: {error}") from None
+
+
+def quantization_method(hf_config) -> str | None:
+    """The quant_method named by the checkpoint's quantization_config, if any."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    method = qc.get("quant_method")
+    return None if method is None else str(method)

@@ -1,0 +1,151 @@
+"""One linear layer for every projection, with a pluggable LinearMethod.
+
+A LinearLayer is y = x W^T + b over a weight that may be the fusion of several checkpoint tensors (q, k and v
+in `qkv_proj`; gate and up in `gate_up_proj`), each a *shard* of its output dimension. What it stores and how
+it multiplies is its LinearMethod's business:
+
+- `create_weights` registers the parameters under the checkpoint's own tensor names and shapes (an
+  unquantized layer has `weight` [out, in]; a packed 4-bit one would have `qweight`, `qzeros`, `scales`),
+  with `register_weight` saying which dimension of each is the output and which the input;
+- `load_weight` copies one checkpoint tensor into its shard of a fused parameter (generic, from those dims);
+- `process_weights_after_loading` may quantize or repack once everything is loaded;
+- `apply(layer, x)` computes the output, bias included.
+
+The layer has two hooks for what comes next, both off by default:
+
+- `delta`: an additive per-token term after the base output, y = method(x) + delta(x), computed on the
+  unquantized activations x, so it works over any method. LoRA plugs in here (its delta gathers each token's
+  adapter by slot index); weights are never merged.
+- Tensor parallelism: `parallel="column"` keeps this rank's 1/tp_size of every output shard (so q, k and v
+  are each split, and the rank's output is the concatenation of its pieces); `parallel="row"` keeps its
+  1/tp_size of the input dimension, and the ranks' outputs sum to the full output (the bias is added on rank
+  0 only). Checkpoint tensors are narrowed to the rank's part as they are loaded. The collective that joins
+  the ranks' outputs belongs to the executor, not here."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plexus.models.layers.ops import ModelOps
+
+
+@dataclass(frozen=True)
+class WeightDims:
+    """Which dimension of a parameter is the layer's output and which its input (None: neither), and
+    how many logical values one stored element packs along the output dimension."""
+    output_dim: int | None
+    input_dim: int | None
+    pack_factor: int = 1
+
+
+class LinearMethod:
+    """How a LinearLayer stores its weight and computes its output. The default is unquantized."""
+
+    # Whether the weight is stored other than as a plain [out, in] tensor in the compute dtype (paths that
+    # read raw weights, such as a platform's fused decode step, stand aside for such layers).
+    quantized = False
+
+    def create_weights(self, layer: LinearLayer, dtype: torch.dtype) -> None:
+        layer.register_weight("weight", torch.empty(layer.local_output_size, layer.local_input_size, dtype=dtype),
+                              WeightDims(output_dim=0, input_dim=1))
+
+    def process_weights_after_loading(self, layer: LinearLayer) -> None:
+        pass
+
+    def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
+        return layer.ops.linear(x, layer.weight, layer.bias_for_rank(), layer.packed_weight)
+
+
+UNQUANTIZED = LinearMethod()
+
+
+class LinearLayer(nn.Module):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, method: LinearMethod | None = None,
+                 ops: ModelOps | None = None, parallel: str | None = None, tp_rank: int = 0, tp_size: int = 1,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if parallel not in (None, "column", "row"):
+            raise ValueError(f"parallel must be None, 'column' or 'row', got {parallel!r}")
+        self.input_size, self.output_sizes = input_size, list(output_sizes)
+        self.parallel, self.tp_rank, self.tp_size = parallel, tp_rank, tp_size
+        split_out, split_in = (tp_size if parallel == "column" else 1), (tp_size if parallel == "row" else 1)
+        for size, what in [(s, "output shard") for s in output_sizes] + [(input_size, "input")]:
+            if size % (split_out if what != "input" else split_in):
+                raise ValueError(f"tensor parallelism: {what} size {size} is not divisible by tp_size={tp_size}")
+        self.local_output_sizes = [s // split_out for s in output_sizes]   # this rank's part of each shard
+        self.local_output_size = sum(self.local_output_sizes)
+        self.local_input_size = input_size // split_in
+        self.method = method or UNQUANTIZED
+        self.ops = ops or ModelOps()
+        self.dims: dict[str, WeightDims] = {}
+        self.method.create_weights(self, dtype or torch.get_default_dtype())
+        if bias:
+            self.register_weight("bias", torch.empty(self.local_output_size, dtype=dtype), WeightDims(0, None))
+        else:
+            self.bias = None
+        self.packed_weight = None    # a platform's faster layout of `weight` (Platform.finalize_model)
+        self.delta: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._loaded: set[tuple[str, int | None]] = set()
+
+    def register_weight(self, name: str, tensor: torch.Tensor, dims: WeightDims) -> None:
+        """For LinearMethod.create_weights: a parameter under the checkpoint's tensor name."""
+        self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        self.dims[name] = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.method.apply(self, x)
+        if self.delta is not None:
+            y = y + self.delta(x)
+        return y
+
+    def bias_for_rank(self) -> torch.Tensor | None:
+        """The bias this rank adds: row-parallel ranks' outputs are summed, so only rank 0 adds it."""
+        return self.bias if self.parallel != "row" or self.tp_rank == 0 else None
+
+    # ------------------------------------------------------------------ loading
+
+    def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None, source: str = "") -> None:
+        """Copy checkpoint tensor `source` (this layer's parameter `name`, shard `shard` of a fused layer)
+        into its place, narrowed to this rank's part."""
+        source = source or name
+        if name not in self.dims:
+            raise ValueError(f"checkpoint tensor {source!r} has no place in this layer (its parameters: "
+                             f"{', '.join(self.dims)}); is the checkpoint quantized with another method?")
+        if (shard is None) != (len(self.output_sizes) == 1):
+            raise ValueError(f"checkpoint tensor {source!r}: shard {shard} of a layer with "
+                             f"{len(self.output_sizes)} output shards")
+        dims, param = self.dims[name], getattr(self, name)
+        if self.parallel == "column" and dims.output_dim is not None:
+            size = tensor.shape[dims.output_dim] // self.tp_size
+            tensor = tensor.narrow(dims.output_dim, self.tp_rank * size, size)
+        elif self.parallel == "row" and dims.input_dim is not None:
+            size = tensor.shape[dims.input_dim] // self.tp_size
+            tensor = tensor.narrow(dims.input_dim, self.tp_rank * size, size)
+        dest = param.data
+        if shard is not None and dims.output_dim is not None:
+            offset = sum(self.local_output_sizes[:shard]) // dims.pack_factor
+            size = self.local_output_sizes[shard] // dims.pack_factor
+            dest = dest.narrow(dims.output_dim, offset, size)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)} (this rank's part), "
+                             f"expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        self._loaded.add((name, shard))
+
+    def missing_weights(self) -> list[str]:
+        """The parameters (and shards) no checkpoint tensor has filled yet."""
+        shards = [None] if len(self.output_sizes) == 1 else list(range(len(self.output_sizes)))
+        return [name if s is None else f"{name}#{s}" for name in self.dims for s in shards
+                if (name, s) not in self._loaded]
+
+    def mark_loaded(self, name: str) -> None:
+        """For parameters shared with another module (a head tied to the embeddings)."""
+        shards = [None] if len(self.output_sizes) == 1 else range(len(self.output_sizes))
+        self._loaded.update((name, s) for s in shards)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, "
+                f"method={type(self.method).__name__}, parallel={self.parallel}")

@@ -1,0 +1,78 @@
+"""The model's elementwise and matmul ops in plain torch: what every platform gets.
+
+A platform with faster versions (the CPU platform's C++ kernels) hands the model a subclass of ModelOps
+through Platform.model_ops, the way it hands it an attention backend; the model never imports a device
+module. Every override must compute the same thing as the method it replaces (tests hold them together)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ModelOps:
+    """Pure-torch ops. Subclasses override what they do faster."""
+
+    @classmethod
+    def from_config(cls, config) -> ModelOps:
+        """Built by the worker from the engine's config (plexus.core.config.EngineConfig)."""
+        return cls()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               packed: object = None) -> torch.Tensor:
+        """x @ weight.T + bias over the last dim of x. packed: pack_weight(weight), where kept."""
+        return F.linear(x, weight, bias)
+
+    def pack_weight(self, weight: torch.Tensor) -> object:
+        """A copy of an unquantized weight [N, K] in a layout linear() runs faster on, or None."""
+        return None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Computed in fp32 and cast back, as HF does."""
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(residual + x), residual + x); the sum is rounded to the model dtype as in HF."""
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x[:, :I]) * x[:, I:]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                       head_dim: int) -> torch.Tensor:
+        """Rotates q and k of the fused qkv rows [T, (Hq + 2 Hkv) * D] (cos/sin: [max_positions, D] fp32),
+        writes k and v into their cache slots (cache: [2, num_blocks, block_size, Hkv, D]; slot_mapping
+        indexes its flattened token rows) and returns the rotated q as [T, Hq, D]."""
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+        c = cos[positions].to(q.dtype)[:, None, :]
+        s = sin[positions].to(q.dtype)[:, None, :]
+        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.reshape(k.shape))
+        return q
+
+    def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of [N, V] logits: the argmax (int64) and its log-probability (fp32)."""
+        ids = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids[:, None])[:, 0]
+        return ids, logprobs
+
+    def decode_layers(self, model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                      kv_caches: list[torch.Tensor], meta) -> torch.Tensor | None:
+        """Every decoder layer and the final norm of a decode-only step in one call, or None where this
+        platform has no such fused step (the model then runs layer by layer)."""
+        return None

@@ -1,0 +1,32 @@
+"""Which model class runs a checkpoint, from its config's architectures."""
+from __future__ import annotations
+
+from plexus.models.llama import LlamaForCausalLM
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+# A config.json written from a bare LlamaConfig has no "architectures"; its model_type says enough.
+_MODEL_TYPE_TO_ARCHITECTURE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def resolve_architecture(hf_config) -> str:
+    """The first of the config's architectures plexus runs; sets hf_config.architectures to it.
+    Raises ValueError naming the supported ones otherwise."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    if not architectures and hf_config.model_type in _MODEL_TYPE_TO_ARCHITECTURE:
+        architectures = [_MODEL_TYPE_TO_ARCHITECTURE[hf_config.model_type]]
+    supported = [arch for arch in architectures if arch in ARCHITECTURES]
+    if not supported:
+        named = ", ".join(architectures) or f"none (model_type {hf_config.model_type!r})"
+        raise ValueError(f"the model has architecture {named}, which plexus does not support; "
+                         f"supported architectures: {', '.join(sorted(ARCHITECTURES))}")
+    hf_config.architectures = supported
+    return supported[0]

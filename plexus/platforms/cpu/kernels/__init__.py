@@ -1,0 +1,130 @@
+"""Building and loading the CPU platform's hand-written kernels (ops.cpp), registered as torch.ops.plexus.*.
+
+The C++ source is compiled once per machine with -march=native by torch's
+extension tooling: at install time by `python -m plexus.platforms.cpu.kernels`
+(which `make setup` runs), else on first use. The build lands in
+$PLEXUS_CACHE_DIR/kernels/<key>, keyed by the source, torch's version and the
+CPU's flags. Where it cannot be built (no compiler) or is switched off with
+PLEXUS_CPU_KERNELS=0, the CPU platform hands the model plain ModelOps, which
+compute the same thing in torch; tests hold the two together
+(plexus/platforms/cpu/ops.py uses the kernels)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+
+import torch
+
+logger = logging.getLogger("plexus")
+
+_SOURCE = pathlib.Path(__file__).parent / "ops.cpp"
+
+
+def _build_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(flags.encode())
+    return h.hexdigest()[:16]
+
+
+_loaded: bool | None = None        # plain globals, not functools.cache: torch.compile reads them as constants
+_fast_linear: bool | None = None
+
+
+def load(cache_dir: pathlib.Path, verbose: bool = False) -> bool:
+    """Build (if needed) into cache_dir/kernels and load the kernels, once per process; False where they
+    cannot be had."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _build_and_load(cache_dir, verbose)
+    return _loaded
+
+
+def loaded() -> bool:
+    return bool(_loaded)
+
+
+def _build_and_load(cache_dir: pathlib.Path, verbose: bool) -> bool:
+    from torch.utils import cpp_extension
+
+    key = _build_key()
+    build_dir = cache_dir / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"plexus_cpu_{key}.so").exists():
+        logger.info("Building plexus CPU kernels into %s (once per machine, about a minute)", build_dir)
+    try:
+        cpp_extension.load(
+            name=f"plexus_cpu_{key}", sources=[str(_SOURCE)], build_directory=str(build_dir),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            is_python_module=False, verbose=verbose)
+    except Exception as e:  # no compiler, unsupported flags, ...: the torch path serves
+        logger.warning("plexus CPU kernels unavailable (%s); using the pure-torch path", str(e).splitlines()[0])
+        return False
+    _register_fake_impls()
+    return True
+
+
+def fast_linear_available() -> bool:
+    global _fast_linear
+    if _fast_linear is None:
+        _fast_linear = loaded() and bool(torch.ops.plexus.has_fast_linear())
+    return _fast_linear
+
+
+# The hand-written GEMV serves up to this many rows; above, oneDNN with prepacked weights is faster, and
+# without prepacked weights the GEMV still beats F.linear up to FAST_LINEAR_MAX_ROWS_UNPACKED
+# (both measured in docs/performance.md).
+FAST_LINEAR_MAX_ROWS = 4
+FAST_LINEAR_MAX_ROWS_UNPACKED = 16
+PACK_BATCH_HINT = 64
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] in oneDNN's blocked layout, for linear() on more rows than the GEMV serves."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+
+
+def _register_fake_impls() -> None:
+    """Shapes of the ops' outputs, so torch.compile can trace through them."""
+    lib = torch.library
+
+    @lib.register_fake("plexus::linear_bf16")
+    def _(x, w, bias, out_fp32):
+        return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if out_fp32 else x.dtype)
+
+    @lib.register_fake("plexus::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x)
+
+    @lib.register_fake("plexus::add_rms_norm")
+    def _(x, residual, w, eps):
+        return torch.empty_like(x)
+
+    @lib.register_fake("plexus::silu_and_mul")
+    def _(x):
+        return x.new_empty(x.shape[0], x.shape[1] // 2)
+
+    @lib.register_fake("plexus::rope_and_cache")
+    def _(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+        return qkv.new_empty(qkv.shape[0], num_heads, head_dim)
+
+    @lib.register_fake("plexus::greedy_sample")
+    def _(logits):
+        n = logits.shape[0]
+        return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.float32)
+
+    @lib.register_fake("plexus::llama_decode_layers")
+    def _(hidden, *args):
+        return torch.empty_like(hidden)
+
+    @lib.register_fake("plexus::paged_attention_decode")
+    def _(q, kv_cache, block_tables, seq_lens, scale):
+        return torch.empty_like(q)

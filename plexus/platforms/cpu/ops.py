@@ -1,0 +1,132 @@
+"""The CPU platform's ops: plexus's C++ kernels (kernels/ops.cpp) behind the ModelOps interface, and the
+paged attention backend whose decode reads keys through the block tables.
+
+Each method takes the kernel where the tensors suit it (CPU, dtype, contiguity) and the pure-torch
+ModelOps method otherwise, so results never depend on which served; tests/test_kernels.py holds each
+kernel against the torch code it replaces."""
+from __future__ import annotations
+
+import torch
+
+from plexus.models.layers.attention import TorchPagedAttention, _DecodeGroup
+from plexus.models.layers.linear import UNQUANTIZED
+from plexus.models.layers.ops import ModelOps
+from plexus.platforms.cpu import kernels
+
+
+def _cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+class CpuModelOps(ModelOps):
+    """Needs kernels.load() to have succeeded. fused_decode: run decode-only steps as one C++ call
+    (PLEXUS_FUSED_DECODE)."""
+
+    @classmethod
+    def from_config(cls, config) -> CpuModelOps:
+        return cls(fused_decode=config.env.fused_decode)
+
+    def __init__(self, fused_decode: bool = True) -> None:
+        self.fused_decode = fused_decode
+        self.fast_linear = kernels.fast_linear_available()
+        # model -> its flat weight list for llama_decode_layers, or None when it cannot run fused; built at
+        # the first decode step (after Platform.finalize_model packed the weights). Whoever sets a layer's
+        # delta or method later must clear it (forget_model).
+        self._decode_weights_of: dict[int, list | None] = {}
+
+    def forget_model(self, model) -> None:
+        self._decode_weights_of.pop(id(model), None)
+
+    def linear(self, x, weight, bias=None, packed=None):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        max_rows = kernels.FAST_LINEAR_MAX_ROWS if packed is not None else kernels.FAST_LINEAR_MAX_ROWS_UNPACKED
+        if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= max_rows
+                and _cpu(x) and self.fast_linear):
+            out = torch.ops.plexus.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, False)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        # (oneDNN's opaque packed tensors cannot be inputs of a compiled graph; inductor lowers F.linear itself)
+        if packed is not None and rows > 0 and not torch.compiler.is_compiling():
+            out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+            return out.view(*x.shape[:-1], weight.shape[0])
+        return super().linear(x, weight, bias)
+
+    def pack_weight(self, weight):
+        return kernels.pack_weight(weight)
+
+    def rms_norm(self, x, weight, eps):
+        if _cpu(x) and x.is_contiguous() and x.dtype == weight.dtype:
+            return torch.ops.plexus.rms_norm(x, weight, eps)
+        return super().rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        if _cpu(x) and x.is_contiguous() and residual.is_contiguous() and x.dtype == weight.dtype:
+            return torch.ops.plexus.add_rms_norm(x, residual, weight, eps), residual
+        return super().add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):
+        if _cpu(x) and x.is_contiguous() and x.dim() == 2:
+            return torch.ops.plexus.silu_and_mul(x)
+        return super().silu_and_mul(x)
+
+    def rope_and_cache(self, qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+        if _cpu(qkv) and qkv.dtype == kv_cache.dtype and kv_cache.is_contiguous():
+            return torch.ops.plexus.rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping,
+                                                   num_heads, num_kv_heads, head_dim)
+        return super().rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads,
+                                      head_dim)
+
+    def greedy_sample(self, logits):
+        if _cpu(logits) and logits.dim() == 2 and logits.stride(1) == 1 and logits.dtype in (
+                torch.float32, torch.bfloat16):
+            return torch.ops.plexus.greedy_sample(logits)
+        return super().greedy_sample(logits)
+
+    def decode_layers(self, model, hidden, positions, kv_caches, meta):
+        """All layers of a step of one-token sequences in one C++ call, for the Llama family with unquantized
+        weights, no per-token deltas and the kernel's own decode metadata (no mask)."""
+        if not (self.fused_decode and _cpu(hidden) and meta.decode is not None and meta.decode.mask is None
+                and all(c.dtype == hidden.dtype and c.is_contiguous() for c in kv_caches)):
+            return None
+        key = id(model)
+        if key not in self._decode_weights_of:
+            self._decode_weights_of[key] = self._decode_weights(model)
+        weights = self._decode_weights_of[key]
+        if weights is None:
+            return None
+        attn = model.layers[0].self_attn
+        return torch.ops.plexus.llama_decode_layers(
+            hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
+            model.rotary.cos, model.rotary.sin, kv_caches, weights, model.norm.weight, model.norm.eps,
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale,
+            kernels.FAST_LINEAR_MAX_ROWS, kernels.FAST_LINEAR_MAX_ROWS_UNPACKED)
+
+    @staticmethod
+    def _decode_weights(model) -> list[torch.Tensor | None] | None:
+        """The flat weight list llama_decode_layers reads, or None when a layer is not plain (quantized, or
+        with a delta such as LoRA)."""
+        weights: list[torch.Tensor | None] = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(lin.method is not UNQUANTIZED or lin.delta is not None for lin in linears):
+                return None
+            weights.append(layer.input_layernorm.weight)
+            for lin in linears[:2]:
+                weights += [lin.weight, lin.bias, lin.packed_weight]
+            weights.append(layer.post_attention_layernorm.weight)
+            for lin in linears[2:]:
+                weights += [lin.weight, lin.bias, lin.packed_weight]
+        return weights
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Decode groups through the C++ paged-attention kernel, which reads keys and values through the block
+    tables (no gather, no mask); prefill chunks as in TorchPagedAttention."""
+
+    decode_reads_block_tables = True
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup) -> torch.Tensor:
+        if group.mask is not None:
+            return super()._decode(q, kv_cache, group)
+        out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens, self.scale)
+        return out.view(q.shape[0], -1)
