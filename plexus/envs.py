@@ -29,7 +29,16 @@ VARIABLES = {
     "NEURON_QUANT_DTYPE": "neuron_quant weight dtype: s8 (default) or f8e4m3fn",
     "NEURON_RT_VISIBLE_CORES": "NeuronCores this process may use, e.g. 0-7 or 0,1",
     "NEURON_RT_NUM_CORES": "how many NeuronCores this process may use",
+    "PLEXUS_LOGGING_LEVEL": "the plexus logger's level (DEBUG, INFO, WARNING, ERROR); default INFO",
+    "VLLM_LOGGING_LEVEL": "the same, vLLM's name (PLEXUS_LOGGING_LEVEL wins when both are set)",
+    "VLLM_CPU_KVCACHE_SPACE": "CPU KV cache size in GiB when kv_cache_space is not given (vLLM's variable)",
+    "VLLM_CPU_OMP_THREADS_BIND": "CPU cores for plexus's threads, e.g. 0-3 or 0,2; 'auto' or 'nobind': leave as is",
+    "HF_HUB_OFFLINE": "1: resolve hub model ids from the local Hugging Face cache only, never download",
+    "HF_HOME": "the Hugging Face home; hub downloads go to $HF_HOME/hub",
+    "HF_HUB_CACHE": "the Hugging Face hub cache directory (wins over HF_HOME)",
 }
+
+LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
@@ -53,6 +62,10 @@ class Environment:
     neuron_quant_dtype: str | None
     neuron_rt_visible_cores: str | None
     neuron_rt_num_cores: str | None
+    hub_cache_dir: pathlib.Path
+    hub_offline: bool
+    cpu_kvcache_space_gib: float | None
+    cpu_threads_bind: list[int] | None    # None: leave the threads and their placement as they are
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -67,12 +80,60 @@ class Environment:
             neuron_quant_dtype=env.get("NEURON_QUANT_DTYPE"),
             neuron_rt_visible_cores=env.get("NEURON_RT_VISIBLE_CORES"),
             neuron_rt_num_cores=env.get("NEURON_RT_NUM_CORES"),
+            hub_cache_dir=_hub_cache_dir(env),
+            hub_offline=_flag(env, "HF_HUB_OFFLINE", False),
+            cpu_kvcache_space_gib=_positive_float(env, "VLLM_CPU_KVCACHE_SPACE"),
+            cpu_threads_bind=_cores(env, "VLLM_CPU_OMP_THREADS_BIND"),
         )
 
     def variables(self) -> dict[str, str]:
         """The NEURON_* variables that are set, by name (what the Neuron platform validates)."""
         values = {name: getattr(self, name.lower()) for name in VARIABLES if name.startswith("NEURON_")}
         return {name: value for name, value in values.items() if value is not None}
+
+
+def _hub_cache_dir(env: Mapping[str, str]) -> pathlib.Path:
+    """Where huggingface_hub keeps its cache, by its own rules."""
+    if env.get("HF_HUB_CACHE"):
+        return pathlib.Path(env["HF_HUB_CACHE"]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return pathlib.Path(home).expanduser() / "hub"
+
+
+def _positive_float(env: Mapping[str, str], name: str) -> float | None:
+    value = env.get(name)
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0:
+        raise ValueError(f"{name}={value!r} is not a positive number of GiB")
+    return number
+
+
+def _cores(env: Mapping[str, str], name: str) -> list[int] | None:
+    value = (env.get(name) or "").strip()
+    if not value or value in ("auto", "nobind", "all"):
+        return None
+    cores: list[int] = []
+    for part in value.replace("|", ",").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ValueError(f"{name}={value!r}: expected core ids and ranges such as '0-3' or '0,2', or 'auto'")
+        cores.extend(range(int(lo), int(hi or lo) + 1))
+    return sorted(set(cores))
+
+
+def logging_level(environ: Mapping[str, str] | None = None) -> str:
+    """PLEXUS_LOGGING_LEVEL, else VLLM_LOGGING_LEVEL, else INFO (read once, when plexus.logger is imported)."""
+    env = os.environ if environ is None else environ
+    name = "PLEXUS_LOGGING_LEVEL" if env.get("PLEXUS_LOGGING_LEVEL") else "VLLM_LOGGING_LEVEL"
+    value = (env.get(name) or "INFO").upper()
+    if value not in LOGGING_LEVELS:
+        raise ValueError(f"{name}={env.get(name)!r} is not a logging level; allowed: {', '.join(LOGGING_LEVELS)}")
+    return value
 
 
 def cache_dir() -> pathlib.Path:

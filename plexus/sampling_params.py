@@ -1,4 +1,4 @@
 """vLLM's import path ``vllm.sampling_params``."""
-from plexus.core.sampling_params import SamplingParams, SamplingType
+from plexus.core.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, SamplingType
 
-__all__ = ["SamplingParams", "SamplingType"]
+__all__ = ["BeamSearchParams", "RequestOutputKind", "SamplingParams", "SamplingType"]

@@ -13,9 +13,7 @@ from plexus.envs import VARIABLES, Environment
 @pytest.mark.parametrize("name, value, reason", [
     ("swap_space", 8, "never swaps KV blocks"),
     ("cpu_offload_gb", 2, "weight offloading is not supported"),
-    ("revision", "main", "hub revisions are not supported"),
-    ("tokenizer_revision", "v1", "hub revisions are not supported"),
-    ("download_dir", "/tmp/models", "never downloads"),
+    ("scheduling_policy", "lifo", "must be 'fcfs' or 'priority'"),
     ("max_loras", 4, "enable_lora=True"),
     ("max_lora_rank", 64, "enable_lora=True"),
     ("max_cpu_loras", 8, "enable_lora=True"),
@@ -34,13 +32,14 @@ def test_settings_plexus_does_not_act_on_are_refused_with_their_name(name, value
 def test_every_engine_args_field_is_honoured_or_refused():
     """The list of fields this file and the engine account for: a new field must be added to one of them."""
     refused = set(EngineArgs._UNSUPPORTED) | {"tokenizer_mode", "override_neuron_config", "load_format"}
+    assert not refused & {"revision", "tokenizer_revision", "download_dir"}   # hub ids resolve (test_hub.py)
     honoured = {
         "model", "tokenizer", "skip_tokenizer_init", "trust_remote_code", "dtype", "seed", "max_model_len",
         "max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching", "enable_chunked_prefill",
         "device", "quantization", "tensor_parallel_size", "kv_cache_space", "gpu_memory_utilization",
         "num_gpu_blocks_override", "enforce_eager", "compilation_config", "max_seq_len_to_capture",
         "disable_log_stats", "max_logprobs", "served_model_name", "generation_config",
-        "disable_custom_all_reduce",
+        "disable_custom_all_reduce", "revision", "tokenizer_revision", "download_dir", "scheduling_policy",
     }
     assert {f.name for f in dataclasses.fields(EngineArgs)} == refused | honoured
 

@@ -116,9 +116,11 @@ def test_unpermute_inverts_llama_cpp_qk_permutation():
         assert np.array_equal(plexus_gguf._unpermute(permuted, n_head), hf)
 
 
-def test_unknown_model_path_is_an_error_that_says_no_hub_download(tmp_path):
+def test_unknown_model_path_is_an_error_that_says_what_is_accepted(tmp_path):
+    """Without hub options (no engine around it) a name that is not a path is an error; hub ids resolve
+    through the engine's configuration (test_hub.py)."""
     missing = str(tmp_path / "meta-llama" / "Llama-2-7b")
-    with pytest.raises(ValueError, match="never downloads") as error:
+    with pytest.raises(ValueError, match="no such file or directory; pass a local model directory") as error:
         resolve_model_dir(missing)
     assert missing in str(error.value)
     with pytest.raises(ValueError, match="meta-llama/Llama-3.1-8B"):

@@ -115,15 +115,14 @@ def test_sequences_past_the_largest_token_gen_bucket_are_refused(monkeypatch):
     monkeypatch.setenv(settings.TOKEN_GEN_BUCKETS_ENV, "64,128")
     config = _config()
     assert config.scheduler.max_seq_len == (128, "NEURON_TOKEN_GEN_BUCKETS")
-    from plexus.core.engine import LLMEngine
+    from plexus.core.input_processor import InputProcessor
 
-    engine = LLMEngine.__new__(LLMEngine)        # the check needs only the config, not a compiled model
-    engine.config = config
+    inputs = InputProcessor(config, tokenizer=None)   # the check needs only the config, not a compiled model
     with pytest.raises(ValueError, match=r"needs 130 positions, more than the largest bucket of "
                                          r"NEURON_TOKEN_GEN_BUCKETS \(128\)"):
-        engine._max_sequence_len([1] * 30, SamplingParams(max_tokens=100))
-    assert engine._max_sequence_len([1] * 30, SamplingParams(max_tokens=98)) == 128
-    assert engine._max_sequence_len([1] * 30, SamplingParams(max_tokens=None)) == 128
+        inputs._max_sequence_len([1] * 30, SamplingParams(max_tokens=100))
+    assert inputs._max_sequence_len([1] * 30, SamplingParams(max_tokens=98)) == 128
+    assert inputs._max_sequence_len([1] * 30, SamplingParams(max_tokens=None)) == 128
 
 
 def test_config_step_fits_the_engine_to_one_slot_per_sequence():

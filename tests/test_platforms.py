@@ -80,6 +80,7 @@ def test_auto_dtype_prefers_bf16_on_cpus_with_bf16_and_never_fp16(monkeypatch, c
 
     class _Config:
         model = _Model()
+        quantization = None
 
     monkeypatch.setattr(host, "cpu_has_bf16", lambda: has_bf16)
     cpu.CpuPlatform().check_and_update_config(_Config)

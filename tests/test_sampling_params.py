@@ -31,7 +31,7 @@ def test_defaults_are_vllms():
     [
         (dict(n=0), "n"),
         (dict(n=1.5), "n"),
-        (dict(best_of=3, n=2), "best_of"),
+        (dict(best_of=2, n=3), "best_of"),
         (dict(best_of=1, n=2), "best_of"),
         (dict(presence_penalty=2.5), "presence_penalty"),
         (dict(presence_penalty=-2.1), "presence_penalty"),
@@ -76,7 +76,11 @@ def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
         (dict(top_k=-3), r"top_k must be -1 \(disable\) or at least 1, got -3"),
         (dict(top_k=0), r"top_k must be -1 \(disable\) or at least 1, got 0"),
         (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
-        (dict(best_of=4, n=2), "best_of > n is not supported"),
+        (dict(best_of=4, n=2, temperature=0), "best_of must be 1 when using greedy sampling, got 4"),
+        (dict(logit_bias={1: float("nan")}), "logit_bias values must be finite numbers"),
+        (dict(allowed_token_ids=[]), "allowed_token_ids must not be empty"),
+        (dict(bad_words=[""]), "bad_words must be a list of non-empty strings"),
+        (dict(logits_processors=["not callable"]), "logits_processors must be a list of callables"),
     ],
 )
 def test_error_messages_state_the_allowed_range(kwargs, message):
@@ -87,18 +91,20 @@ def test_error_messages_state_the_allowed_range(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(bad_words=["darn"]), "bad_words"),
-        (dict(logits_processors=[lambda ids, logits: logits]), "logits_processors"),
         (dict(truncate_prompt_tokens=128), "truncate_prompt_tokens"),
         (dict(guided_decoding=object()), "guided_decoding"),
         (dict(structured_outputs=object()), "structured_outputs"),
-        (dict(logit_bias={1: 5.0}), "logit_bias"),
-        (dict(allowed_token_ids=[1, 2]), "allowed_token_ids"),
     ],
 )
 def test_unsupported_features_are_refused_not_ignored(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
         SamplingParams(**kwargs)
+
+
+def test_vllm_sampling_features_are_accepted():
+    p = SamplingParams(n=2, best_of=4, bad_words="darn", logits_processors=[lambda ids, logits: logits],
+                       logit_bias={"7": -1.5}, allowed_token_ids=[1, 2])
+    assert (p.best_of, p.bad_words, p.logit_bias, p.allowed_token_ids) == (4, ["darn"], {7: -1.5}, [1, 2])
 
 
 def test_unsupported_features_left_at_their_defaults_are_accepted():

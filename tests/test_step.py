@@ -117,7 +117,7 @@ def test_several_tokens_per_step_are_appended_and_stop_where_a_condition_falls(l
     assert stop_id not in expected[:7]
     outputs = llm_fp32.generate(
         [{"prompt_token_ids": prompt}] * 3,
-        [SamplingParams(max_tokens=10, ignore_eos=True),           # max_tokens inside a chunk: cut at 10
+        [SamplingParams(max_tokens=10, ignore_eos=True, logprobs=0),   # max_tokens inside a chunk: cut at 10
          SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=[stop_id]),
          SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=[stop_id], min_tokens=9)],
         use_tqdm=False)

@@ -5,43 +5,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from plexus.core import stopping
-from plexus.core.config import EngineArgs, EngineConfig
-from plexus.core.detokenizer import IncrementalDetokenizer, detokenize_logprob_token
+from plexus.core.arg_utils import EngineArgs
+from plexus.core.config import EngineConfig
+from plexus.core.detokenizer import IncrementalDetokenizer
 from plexus.core.executor import Executor
+from plexus.core.input_processor import InputProcessor
 from plexus.core.kv_cache import KVCacheManager
-from plexus.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from plexus.core.output_processor import OutputProcessor, RequestState, SequenceState
+from plexus.core.outputs import RequestOutput
 from plexus.core.request import Request, RequestStatus
-from plexus.core.sampler import uses_penalties
+from plexus.core.sampler import uses_history
 from plexus.core.sampling_params import SamplingParams
 from plexus.core.scheduler import Scheduler, SchedulerOutput
-from plexus.core.step import SequenceStep, StepInput, TokenLogprobs
+from plexus.core.step import SequenceStep, StepInput, StepOutput, TokenLogprobs
 
 logger = logging.getLogger("plexus")
-
-
-@dataclass
-class _Sequence:
-    """Engine-side state of one generated sequence: its text and logprobs."""
-    request: Request
-    index: int
-    stop_strings: stopping.StopStrings | None     # holds the detokenizer; None without one
-    logprobs: list[dict[int, Logprob]] | None
-    cumulative_logprob: float = 0.0
-
-
-@dataclass
-class _RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    sequences: list[_Sequence] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-    lora_request: Any = None
 
 
 def load_tokenizer(config: EngineConfig):
@@ -49,9 +30,10 @@ def load_tokenizer(config: EngineConfig):
         return None
     from transformers import AutoTokenizer
 
-    source = config.model.tokenizer or str(config.model.model_dir)
+    source = str(config.model.tokenizer_dir or config.model.model_dir)
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True, use_fast=config.model.tokenizer_mode != "slow",
+        return AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                             use_fast=config.model.tokenizer_mode != "slow",
                                              trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {source!r}: {e}") from None
@@ -66,13 +48,15 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.device = self.executor.device
+        self.inputs = InputProcessor(config, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer)
         self.log_stats = log_stats
         self._stats = _Stats()
         eos = config.model.eos_token_ids()
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = frozenset(eos)
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> LLMEngine:
@@ -87,9 +71,13 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, lora_request: Any = None, **kwargs: Any) -> None:
-        """Queue a request. ``prompt`` is a string, ``{"prompt": str}`` or
-        ``{"prompt_token_ids": [...]}``."""
+                    arrival_time: float | None = None, lora_request: Any = None, priority: int = 0,
+                    **kwargs: Any) -> None:
+        """Queue a request. ``prompt`` is a string, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``.
+        Everything is checked here, before the request joins a batch."""
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise TypeError(f"add_request() got keyword arguments plexus does not act on: {', '.join(unknown)}")
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a string, got {type(request_id).__name__}")
         if request_id in self._states:
@@ -101,11 +89,10 @@ class LLMEngine:
                             "(pooling requests are not supported)")
         if lora_request is not None:
             raise ValueError("lora_request: LoRA adapters are not supported yet")
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        self._validate(params, prompt_ids)
-
-        room = self._max_sequence_len(prompt_ids, params) - len(prompt_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an integer, got {priority!r}")
+        processed = self.inputs.process(prompt, params)
+        prompt_ids, max_tokens = processed.prompt_token_ids, processed.max_tokens
         needed = self.kv_cache.blocks_needed(len(prompt_ids) + max_tokens - 1)
         if needed > self.kv_cache.num_blocks:
             raise ValueError(
@@ -113,18 +100,19 @@ class LLMEngine:
                 f"{max_tokens} new tokens) but the cache has {self.kv_cache.num_blocks}; lower max_tokens or "
                 "raise kv_cache_space / gpu_memory_utilization")
 
-        state = _RequestState(request_id, prompt_text, prompt_ids, params, lora_request=lora_request)
+        state = RequestState(request_id, processed.prompt, prompt_ids, params, lora_request=lora_request)
         arrival = time.time() if arrival_time is None else arrival_time
-        for index in range(params.n):
+        candidates = params.best_of or params.n
+        for index in range(candidates):
             child_params = params
             if index > 0 and params.prompt_logprobs is not None:
                 child_params = params.clone()
                 child_params.prompt_logprobs = None      # the prompt is shared; score it once
             request = Request(
-                request_id=request_id if params.n == 1 else f"{request_id}#{index}", parent_id=request_id,
+                request_id=request_id if candidates == 1 else f"{request_id}#{index}", parent_id=request_id,
                 prompt_token_ids=prompt_ids, sampling_params=child_params, max_tokens=max_tokens,
                 eos_token_ids=self.eos_token_ids, seed=None if params.seed is None else params.seed + index,
-                arrival_time=arrival)
+                arrival_time=arrival, priority=priority, bad_words_token_ids=processed.bad_words_token_ids)
             stop_strings = None
             if self.tokenizer is not None and params.detokenize:
                 detokenizer = IncrementalDetokenizer(
@@ -132,74 +120,11 @@ class LLMEngine:
                     spaces_between_special_tokens=params.spaces_between_special_tokens)
                 stop_strings = stopping.StopStrings(detokenizer, params.stop, params.include_stop_str_in_output,
                                                     params.min_tokens)
-            state.sequences.append(_Sequence(request, index, stop_strings,
-                                             [] if params.logprobs is not None else None))
+            state.sequences.append(SequenceState(request, index, stop_strings,
+                                                 [] if params.logprobs is not None else None))
         self._states[request_id] = state
         for seq in state.sequences:
             self.scheduler.add(seq.request)
-
-    def _tokenize(self, prompt: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            text, ids = prompt, None
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
-        elif isinstance(prompt, dict) and "prompt" in prompt:
-            text, ids = prompt["prompt"], None
-        else:
-            raise TypeError("prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}, "
-                            f"got {type(prompt).__name__}")
-        if ids is None:
-            if not isinstance(text, str):
-                raise TypeError(f"prompt text must be a string, got {type(text).__name__}")
-            if not text:
-                raise ValueError("the prompt is empty; give at least one token")
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer, but skip_tokenizer_init=True; "
-                                 "pass {'prompt_token_ids': [...]} instead")
-            ids = self.tokenizer.encode(text)
-        ids = list(ids)
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        vocab = self.config.model.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}); got {bad[0]!r}")
-        return text, ids
-
-    def _validate(self, params: SamplingParams, prompt_ids: list[int]) -> None:
-        max_model_len = self.config.model.max_model_len
-        if len(prompt_ids) > max_model_len - 1:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate within "
-                             f"max_model_len={max_model_len}; shorten the prompt or raise max_model_len")
-        if params.prompt_logprobs is not None and not self.config.platform.supports_prompt_logprobs:
-            raise ValueError(f"prompt_logprobs is not supported on the {self.config.platform.name} platform: its "
-                             "compiled graphs return logits for the last position only")
-        max_logprobs = self.config.model.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > max_logprobs:
-                raise ValueError(f"{name}={value} exceeds max_logprobs={max_logprobs}; raise max_logprobs")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, but skip_tokenizer_init=True; use stop_token_ids")
-
-    def _max_sequence_len(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """How long this request's sequence may grow. max_tokens past max_model_len is clipped (as vLLM
-        does); past a platform's largest compiled bucket it is refused now rather than failing mid-way."""
-        limit = self.config.model.max_model_len
-        sched = self.config.scheduler
-        if sched.max_prompt_len is not None and len(prompt_ids) > sched.max_prompt_len[0]:
-            bound, setting = sched.max_prompt_len
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, more than the largest bucket of {setting} "
-                             f"({bound}); shorten the prompt or add a larger bucket")
-        if sched.max_seq_len is not None and sched.max_seq_len[0] < limit:
-            bound, setting = sched.max_seq_len
-            wanted = len(prompt_ids) + (1 if params.max_tokens is None else params.max_tokens)
-            if wanted > bound:
-                raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens "
-                                 f"({params.max_tokens or 1}) needs {wanted} positions, more than the largest "
-                                 f"bucket of {setting} ({bound}); lower max_tokens or add a larger bucket")
-            limit = bound
-        return limit
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -226,30 +151,41 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        result = self.executor.execute_model(self._step_input(scheduled))
+        step_input = self._step_input(scheduled)
+        try:
+            result = self.executor.execute_model(step_input)
+        except Exception as error:  # noqa: BLE001  (one request must not take the others down)
+            result = self._isolate_failures(step_input, error)
         self.scheduler.update_after_step(scheduled)
         now = time.time()
 
-        progressed: dict[str, _RequestState] = {}
+        progressed: dict[str, RequestState] = {}
         for s in scheduled.scheduled:
             request = s.request
-            state = self._states[request.parent_id]
-            prompt_logprobs = result.prompt_logprobs.get(request.request_id)
-            if prompt_logprobs:
-                self._add_prompt_logprobs(request, state, prompt_logprobs)
-            tokens = result.sampled.get(request.request_id)
-            if not tokens:
+            if request.is_finished:      # failed in this step
+                progressed[request.parent_id] = self._states[request.parent_id]
                 continue
+            state = self._states[request.parent_id]
             seq = state.sequences[0] if len(state.sequences) == 1 else \
                 next(q for q in state.sequences if q.request is request)
-            self._append_tokens(seq, tokens, now)
+            try:
+                prompt_logprobs = result.prompt_logprobs.get(request.request_id)
+                if prompt_logprobs:
+                    self._add_prompt_logprobs(request, state, prompt_logprobs)
+                tokens = result.sampled.get(request.request_id)
+                if not tokens:
+                    continue
+                self._append_tokens(seq, tokens, now)
+            except Exception as error:  # noqa: BLE001  (e.g. a tokenizer failing on this request's text)
+                self._fail(request, error)
             progressed[state.request_id] = state
 
         outputs = []
         for state in progressed.values():
-            finished = all(seq.request.is_finished for seq in state.sequences)
-            outputs.append(self._make_output(state, finished, now))
-            if finished:
+            output = self.outputs.make_output(state, now)
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
                 del self._states[state.request_id]
         if self.log_stats:
             self._stats.record(scheduled, sum(len(t) for t in result.sampled.values()), now, self.scheduler)
@@ -261,30 +197,54 @@ class LLMEngine:
         for s in scheduled.scheduled:
             r = s.request
             params = r.sampling_params
-            penalized = uses_penalties([params])
+            history = uses_history(params)
             scoring_prompt = params.prompt_logprobs is not None and s.start < r.num_prompt_tokens
             sequences.append(SequenceStep(
                 request_id=r.request_id, token_ids=r.token_ids[s.start:s.start + s.num_tokens], start=s.start,
                 block_ids=r.block_ids, sample=s.samples, params=params, num_prompt_tokens=r.num_prompt_tokens,
                 seed=r.seed, seed_offset=r.num_output_tokens,
                 banned_token_ids=stopping.banned_token_ids(r) if s.samples else [],
-                prompt_token_ids=r.prompt_token_ids if penalized or scoring_prompt else None,
-                output_token_ids=r.output_token_ids if penalized else None,
+                bad_words_token_ids=r.bad_words_token_ids,
+                prompt_token_ids=r.prompt_token_ids if history or scoring_prompt else None,
+                output_token_ids=r.output_token_ids if history else None,
                 prompt_logprobs_from=len(r.prompt_logprobs) if r.prompt_logprobs else 1))
         return StepInput(sequences)
 
-    def _append_tokens(self, seq: _Sequence, tokens: list[TokenLogprobs], now: float) -> None:
+    def _isolate_failures(self, step: StepInput, error: Exception) -> StepOutput:
+        """The step raised: run each sequence's part alone, so the ones that fail on their own finish with
+        finish_reason "error" and the rest go on. (Rerunning writes the same keys and values again.)"""
+        logger.warning("a step failed (%s: %s); running its %d sequences one by one", type(error).__name__,
+                       error, len(step.sequences))
+        result = StepOutput()
+        for seq in step.sequences:
+            try:
+                alone = self.executor.execute_model(StepInput([seq]))
+            except Exception as seq_error:  # noqa: BLE001
+                request = next(r for r in self.scheduler.running if r.request_id == seq.request_id)
+                self._fail(request, seq_error)
+                continue
+            result.sampled.update(alone.sampled)
+            result.prompt_logprobs.update(alone.prompt_logprobs)
+        return result
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        logger.error("request %r failed: %s: %s", request.parent_id, type(error).__name__, error)
+        request.stop_reason = f"{type(error).__name__}: {error}"
+        self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+
+    def _append_tokens(self, seq: SequenceState, tokens: list[TokenLogprobs], now: float) -> None:
         """Append what the step accepted, token by token, until the sequence stops (plexus.core.stopping);
         tokens after the stop are dropped."""
         request = seq.request
         if request.first_token_time is None:
             request.first_token_time = now
         request.last_token_time = now
+        decode = request.sampling_params.detokenize
         for sampled in tokens:
             request.append_token(sampled.token_id)
             seq.cumulative_logprob += sampled.logprob
             if seq.logprobs is not None:
-                seq.logprobs.append(self._logprob_dict(sampled))
+                seq.logprobs.append(self.outputs.logprob_dict(sampled, decode))
             stop = stopping.stop_after_token(request, sampled.token_id, seq.stop_strings,
                                              self.config.model.max_model_len)
             if stop is not None:
@@ -292,46 +252,12 @@ class LLMEngine:
                 self.scheduler.finish(request, stop[0])
                 return
 
-    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
-        out = {entry.token_id: Logprob(entry.logprob, entry.rank, self._decode_token(entry.token_id))}
-        for rank, (tok, lp) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1):
-            if tok not in out:
-                out[tok] = Logprob(lp, rank, self._decode_token(tok))
-        return out
-
-    def _decode_token(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else detokenize_logprob_token(self.tokenizer, token_id)
-
-    def _add_prompt_logprobs(self, request: Request, state: _RequestState, entries: list[TokenLogprobs]) -> None:
+    def _add_prompt_logprobs(self, request: Request, state: RequestState, entries: list[TokenLogprobs]) -> None:
         if request.prompt_logprobs is None:
             request.prompt_logprobs = [None]
-        request.prompt_logprobs.extend(self._logprob_dict(e) for e in entries)
+        decode = request.sampling_params.detokenize
+        request.prompt_logprobs.extend(self.outputs.logprob_dict(e, decode) for e in entries)
         state.prompt_logprobs = request.prompt_logprobs
-
-    def _make_output(self, state: _RequestState, finished: bool, now: float) -> RequestOutput:
-        completions = []
-        for seq in state.sequences:
-            request = seq.request
-            text = ""
-            if seq.stop_strings is not None:
-                detokenizer = seq.stop_strings.detokenizer
-                text = detokenizer.output_text if not request.is_finished else \
-                    detokenizer.get_next_output_text(finished=True, delta=False)
-            completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(request.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob, logprobs=seq.logprobs,
-                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-                lora_request=state.lora_request))
-        first = state.sequences[0].request
-        metrics = RequestMetrics(
-            arrival_time=first.arrival_time, last_token_time=first.last_token_time,
-            first_scheduled_time=first.first_scheduled_time, first_token_time=first.first_token_time,
-            time_in_queue=(first.first_scheduled_time - first.arrival_time) if first.first_scheduled_time else None,
-            finished_time=now if finished else None)
-        return RequestOutput(
-            request_id=state.request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
-            prompt_logprobs=state.prompt_logprobs, outputs=completions, finished=finished, metrics=metrics,
-            lora_request=state.lora_request, num_cached_tokens=first.num_cached_tokens)
 
 
 class _Stats:

@@ -15,3 +15,29 @@ class Executor:
 
     def execute_model(self, step: StepInput) -> StepOutput:
         return self.worker.execute_model(step)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down the tensor-parallel groups (vLLM's name); plexus's are the default process group's."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_distributed_environment() -> None:
+    destroy_model_parallel()
+
+
+def cleanup_dist_env_and_memory(shutdown_ray: bool = False) -> None:
+    """What vLLM's examples call after `del llm`: destroy any process group, then collect the engine's
+    now-unreferenced model and KV cache so their memory returns to the system (the CPU platform's weights
+    and cache are anonymous mappings, unmapped when collected) and empty the accelerator caches."""
+    import gc
+
+    import torch
+
+    destroy_distributed_environment()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

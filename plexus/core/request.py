@@ -17,15 +17,19 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()      # something raised while running it; the others went on
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in _FINISH_REASONS
 
     @property
     def finish_reason(self) -> str | None:
-        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
 
 
 @dataclass(eq=False)   # identity: a request is hashable and equal only to itself
@@ -36,6 +40,8 @@ class Request:
     max_tokens: int                       # resolved: never runs past max_model_len
     eos_token_ids: frozenset[int]
     seed: int | None = None               # this sequence's sampling seed (the request's + its index)
+    priority: int = 0                     # lower runs first under scheduling_policy="priority"
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
     parent_id: str = ""                  # the user's request id (children of n > 1 share it)
     arrival_time: float = field(default_factory=time.time)
     status: RequestStatus = RequestStatus.WAITING

@@ -3,9 +3,11 @@
 Runs on whatever device the logits are on. The order of stages is vLLM's:
 
 1. log-probabilities of the raw logits (what the user sees as logprobs);
-2. banned tokens (EOS/stop tokens before min_tokens) -> -inf;
-3. repetition, frequency and presence penalties;
-4. greedy rows: argmax;
+2. the request's own logits_processors, in order;
+3. allowed_token_ids, bad_words, banned tokens (EOS/stop tokens before
+   min_tokens) -> -inf; logit_bias added;
+4. repetition, frequency and presence penalties;
+5. greedy rows: argmax;
    random rows: temperature, top-k, top-p, min-p, then one draw by the
    exponential race argmax(p / q), q ~ Exp(1).
 
@@ -24,9 +26,18 @@ from plexus.core.sampling_params import SAMPLING_EPS, SamplingParams
 
 
 def uses_penalties(params: list[SamplingParams]) -> bool:
-    """Whether any row needs its token history (the only stage that reads it)."""
     return any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
                for p in params)
+
+
+def uses_history(params: SamplingParams) -> bool:
+    """Whether sampling this request's next token reads its token history (penalties, its own logits
+    processors, multi-token bad words)."""
+    return uses_penalties([params]) or bool(params.logits_processors) or bool(params.bad_words)
+
+
+def _processes_logits(p: SamplingParams) -> bool:
+    return bool(p.logits_processors) or p.allowed_token_ids is not None or bool(p.logit_bias) or bool(p.bad_words)
 
 
 @dataclass
@@ -42,6 +53,9 @@ class SamplingMetadata:
     prompt_token_ids: list[list[int]] | None  # only kept when some row has penalties
     output_token_ids: list[list[int]]
     banned_token_ids: list[list[int]]  # per row, e.g. EOS + stop ids before min_tokens
+    bad_words_token_ids: list[list[list[int]]]  # per row: the token ids of each bad word
+    params: list[SamplingParams]  # per row: logits_processors, allowed_token_ids, logit_bias
+    any_processing: bool  # some row has logits processors, allowed tokens, a logit bias or bad words
     max_num_logprobs: int  # max over rows of requested logprobs; 0 if none, -1 = vocab
     any_logprobs: bool  # some row set logprobs (0 included: the sampled token with its rank)
     all_greedy: bool
@@ -61,6 +75,7 @@ class SamplingMetadata:
         banned_token_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        bad_words_token_ids: list[list[list[int]]] | None = None,
     ) -> "SamplingMetadata":
         n = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators)
@@ -91,9 +106,13 @@ class SamplingMetadata:
             repetition_penalty=floats([p.repetition_penalty for p in params]),
             # A greedy row never draws noise, so its generator must not advance.
             generators=[None if g else gen for gen, g in zip(generators, greedy)],
-            prompt_token_ids=None if no_penalties else prompt_token_ids,
+            prompt_token_ids=None if no_penalties and not any(p.logits_processors for p in params)
+            else prompt_token_ids,
             output_token_ids=output_token_ids,
             banned_token_ids=banned_token_ids,
+            bad_words_token_ids=bad_words_token_ids or [[] for _ in params],
+            params=params,
+            any_processing=any(_processes_logits(p) for p in params),
             max_num_logprobs=max_num_logprobs,
             any_logprobs=bool(num_logprobs),
             all_greedy=all(greedy),
@@ -138,16 +157,18 @@ class Sampler(torch.nn.Module):
         default_generator: torch.Generator | None = None,
     ) -> SamplerOutput:
         if (metadata.all_greedy and metadata.no_penalties and not metadata.any_logprobs
-                and not any(metadata.banned_token_ids)):
+                and not any(metadata.banned_token_ids) and not metadata.any_processing):
             # The common case (greedy, nothing to report but the token's logprob): one pass over the logits.
             sampled, sampled_logprobs = self.greedy_sample(logits)
             return SamplerOutput(sampled, sampled_logprobs, None, None, None)
         raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [N, V]
         # One float32 copy that the stages below may modify in place (none needed if no stage will).
         modifies = (not metadata.all_greedy or not metadata.no_penalties
-                    or any(metadata.banned_token_ids))
+                    or any(metadata.banned_token_ids) or metadata.any_processing)
         logits = logits.to(torch.float32, copy=modifies)
 
+        if metadata.any_processing:
+            _apply_request_processing(logits, metadata)
         _ban_tokens(logits, metadata.banned_token_ids)
         if not metadata.no_penalties:
             apply_penalties(logits, metadata)
@@ -189,6 +210,44 @@ class Sampler(torch.nn.Module):
             # depend on the scale of p.
             probs.masked_fill_(probs < metadata.min_p.unsqueeze(1) * max_prob, 0.0)
         return _exponential_race(probs, metadata.generators, default_generator)
+
+
+def _apply_request_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """In place, row by row: the request's logits processors (vLLM's callable signatures), then
+    allowed_token_ids, bad words and logit_bias."""
+    for row, p in enumerate(metadata.params):
+        output_ids = metadata.output_token_ids[row]
+        for fn in p.logits_processors or ():
+            prompt_ids = metadata.prompt_token_ids[row] if metadata.prompt_token_ids is not None else []
+            takes_prompt = _takes_prompt(fn)
+            result = fn(prompt_ids, output_ids, logits[row]) if takes_prompt else fn(output_ids, logits[row])
+            if not isinstance(result, torch.Tensor) or result.shape != logits[row].shape:
+                raise ValueError(f"a logits processor returned {type(result).__name__}"
+                                 f"{tuple(getattr(result, 'shape', ()))}; it must return the row of logits, "
+                                 f"shape {tuple(logits[row].shape)}")
+            logits[row] = result
+        if p.allowed_token_ids is not None:
+            keep = logits[row, p.allowed_token_ids].clone()
+            logits[row] = float("-inf")
+            logits[row, p.allowed_token_ids] = keep
+        for word in metadata.bad_words_token_ids[row]:
+            # A word's last token is banned where the tokens before it were the last ones generated.
+            prefix = word[:-1]
+            if len(output_ids) >= len(prefix) and (not prefix or output_ids[-len(prefix):] == prefix):
+                logits[row, word[-1]] = float("-inf")
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+
+
+def _takes_prompt(fn) -> bool:
+    """vLLM's two logits-processor signatures: (output_ids, logits) or (prompt_ids, output_ids, logits)."""
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) == 3
+    except (TypeError, ValueError):
+        return False
 
 
 def _ban_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> None:

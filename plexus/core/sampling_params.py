@@ -28,13 +28,45 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+class RequestOutputKind(enum.Enum):
+    """What LLMEngine.step returns for a request (vLLM's names): everything so far, only what is new since
+    the last output, or one output when it finishes."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search parameters for LLM.beam_search, as vLLM's."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a non-negative number, got {self.temperature!r}.")
+        if not (isinstance(self.length_penalty, numbers.Real) and math.isfinite(self.length_penalty)):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
+
+
 @dataclass(repr=False, eq=True)
 class SamplingParams:
     """Sampling parameters for text generation, as in vLLM.
 
     Args:
         n: Number of output sequences to return for the prompt.
-        best_of: Accepted for compatibility; must be None or equal to n.
+        best_of: Number of candidate sequences sampled for the prompt; the n with
+            the highest cumulative logprob are returned (vLLM 0.6's meaning).
+            None means n.
         presence_penalty: Penalizes tokens that already appear in the output,
             in [-2, 2].
         frequency_penalty: Penalizes tokens by how often they appear in the
@@ -50,7 +82,8 @@ class SamplingParams:
         stop: String(s) that stop generation; not included in the output
             unless include_stop_str_in_output.
         stop_token_ids: Token ids that stop generation.
-        bad_words: Not supported yet; must be empty.
+        bad_words: Words that are never generated: their last token is banned
+            wherever the tokens before it were just generated.
         include_stop_str_in_output: Keep the stop string in the output text.
         ignore_eos: Keep generating after the EOS token.
         max_tokens: Maximum number of tokens to generate per sequence; None
@@ -64,8 +97,13 @@ class SamplingParams:
         skip_special_tokens: Skip special tokens in the output text.
         spaces_between_special_tokens: Put spaces between special tokens in
             the output text.
-        logits_processors: Not supported; must be empty.
+        logits_processors: Callables fn(output_token_ids, logits) -> logits or
+            fn(prompt_token_ids, output_token_ids, logits) -> logits, applied in
+            order to the request's row of raw logits before sampling.
         truncate_prompt_tokens: Not supported; plexus never truncates prompts.
+        output_kind: RequestOutputKind of LLMEngine.step outputs.
+        logit_bias: Token id -> bias added to its logit before sampling.
+        allowed_token_ids: Only these tokens may be sampled.
     """
 
     n: int = 1
@@ -93,8 +131,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logits_processors: list[Any] | None = None
     truncate_prompt_tokens: int | None = None
-    # Accepted so vLLM scripts run unchanged; see _refuse_unsupported.
-    output_kind: Any = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     guided_decoding: Any = None
     structured_outputs: Any = None
     logit_bias: dict[int, float] | None = None
@@ -154,29 +191,40 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         else:
             self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self.bad_words = [] if self.bad_words is None else list(self.bad_words)
+        if self.logits_processors is not None:
+            self.logits_processors = list(self.logits_processors)
+        if self.output_kind is None:
+            self.output_kind = RequestOutputKind.CUMULATIVE
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}.")
+            # JSON keys arrive as strings (the OpenAI API); vLLM takes them.
+            self.logit_bias = {_as_int("logit_bias token id", int(k) if isinstance(k, str) and k.lstrip("-").isdigit()
+                                       else k): v for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
 
     def _refuse_unsupported(self) -> None:
-        if self.bad_words:
-            raise ValueError("bad_words is not supported yet.")
-        if self.logits_processors:
-            raise ValueError("logits_processors is not supported.")
         if self.truncate_prompt_tokens is not None:
             raise ValueError(
                 "truncate_prompt_tokens is not supported: plexus never truncates "
                 "prompts; shorten the prompt instead."
             )
-        for name in ("guided_decoding", "structured_outputs", "logit_bias", "allowed_token_ids"):
+        for name in ("guided_decoding", "structured_outputs"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is not supported yet.")
-        # output_kind and extra_args only steer streaming and plugins; plexus
-        # has neither, so any value is accepted and has no effect.
+        # extra_args only reaches custom plugins in vLLM; plexus has none, so it carries it untouched.
 
     def _verify_args(self) -> None:
         if self.n < 1:
@@ -186,10 +234,9 @@ class SamplingParams:
                 raise ValueError(
                     f"best_of must be greater than or equal to n={self.n}, got {self.best_of}."
                 )
-            if self.best_of > self.n:
+            if self.best_of > 1 and self.temperature < SAMPLING_EPS:
                 raise ValueError(
-                    f"best_of > n is not supported (best_of={self.best_of}, n={self.n}); "
-                    "leave best_of unset."
+                    f"best_of must be 1 when using greedy sampling, got {self.best_of}."
                 )
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
@@ -243,6 +290,28 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be a signed 64-bit integer, in [-2**63, 2**63 - 1], got {self.seed}.")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA, FINAL_ONLY), "
+                             f"got {self.output_kind!r}.")
+        if not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}.")
+        if self.logits_processors is not None and not all(callable(f) for f in self.logits_processors):
+            raise ValueError("logits_processors must be a list of callables "
+                             "fn(output_token_ids, logits) or fn(prompt_token_ids, output_token_ids, logits).")
+        if self.logit_bias is not None and not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                for v in self.logit_bias.values()):
+            raise ValueError(f"logit_bias values must be finite numbers, got {self.logit_bias!r}.")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty.")
+            self.allowed_token_ids = [_as_int("allowed_token_ids", t) for t in self.allowed_token_ids]
+            if any(t < 0 for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be non-negative token ids, got {self.allowed_token_ids}.")
+        if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {sorted(self.logit_bias)}.")
         if self.stop and not self.detokenize:
             raise ValueError(
                 "stop strings are only supported when detokenize is True. "
@@ -288,6 +357,8 @@ class SamplingParams:
             f"skip_special_tokens={self.skip_special_tokens}, "
             f"spaces_between_special_tokens={self.spaces_between_special_tokens}, "
             f"truncate_prompt_tokens={self.truncate_prompt_tokens}, "
+            f"logit_bias={self.logit_bias}, "
+            f"allowed_token_ids={self.allowed_token_ids}, "
             f"extra_args={self.extra_args})"
         )
 

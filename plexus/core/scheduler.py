@@ -1,9 +1,13 @@
 """Continuous batching with chunked prefill. Every step hands out a token
 budget: running requests first (one decode token each, or the next chunk of
 their prompt), then waiting ones. Prefill and decode share one step. When
-blocks run out the newest running request is preempted and later recomputed."""
+blocks run out a running request is preempted and later recomputed: the
+newest under scheduling_policy="fcfs", the lowest-priority (highest value,
+then newest) under "priority", where the waiting queue is also ordered by
+priority."""
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,16 +42,60 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+def _priority_key(request: Request) -> tuple[int, float]:
+    return request.priority, request.arrival_time
+
+
+class _PriorityQueue:
+    """The waiting queue under scheduling_policy="priority": kept sorted by (priority, arrival time)."""
+
+    def __init__(self) -> None:
+        self._items: list[Request] = []
+
+    def append(self, request: Request) -> None:
+        bisect.insort(self._items, request, key=_priority_key)
+
+    appendleft = append     # a preempted request goes back to its place by priority
+
+    def popleft(self) -> Request:
+        return self._items.pop(0)
+
+    def remove(self, request: Request) -> None:
+        self._items.remove(request)
+
+    def __getitem__(self, index: int) -> Request:
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __contains__(self, request: Request) -> bool:
+        return request in self._items
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Request] = deque()
+        self.priority = config.policy == "priority"
+        self.waiting: deque[Request] | _PriorityQueue = _PriorityQueue() if self.priority else deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+
+    def _victim(self, first: int) -> Request:
+        """The running request to preempt when blocks run out, among running[first:] (those not yet
+        scheduled in this step)."""
+        if not self.priority:
+            return self.running.pop()
+        victim = max(reversed(self.running[first:]), key=_priority_key)
+        self.running.remove(victim)
+        return victim
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -61,7 +109,7 @@ class Scheduler:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate(request, num_tokens):
-                victim = self.running.pop()
+                victim = self._victim(i)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -98,6 +146,8 @@ class Scheduler:
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed-token counts once the model has run the step."""
         for scheduled in out.scheduled:
+            if scheduled.request.is_finished:    # failed during the step; its blocks are freed
+                continue
             scheduled.request.num_computed_tokens += scheduled.num_tokens
             self.kv_cache.cache_full_blocks(scheduled.request)
 

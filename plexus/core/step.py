@@ -27,6 +27,7 @@ class SequenceStep:
     seed: int | None = None              # None: the worker's shared generator
     seed_offset: int = 0                 # tokens this sequence has sampled before this step
     banned_token_ids: list[int] = field(default_factory=list)   # e.g. EOS and stop ids before min_tokens
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)   # each bad word's tokens
     # The prompt and output so far, only when a penalty reads them (copying them every step would cost
     # O(length) per token); the prompt also while prompt logprobs are being computed.
     prompt_token_ids: list[int] | None = None

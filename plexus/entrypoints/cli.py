@@ -58,7 +58,14 @@ def _neuron_buckets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("plexus-llm")
+    except PackageNotFoundError:    # a source tree that was never installed
+        installed = "unknown"
     parser = argparse.ArgumentParser(prog="plexus", description="plexus LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"plexus {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from one or more prompts")
     gen.add_argument("prompts", nargs="+", help="prompt text")

@@ -1,6 +1,7 @@
 """The offline API: ``LLM(...).generate(prompts, sampling_params)``, as vLLM's."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -8,10 +9,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from plexus.core.config import EngineArgs
+from plexus.core.arg_utils import EngineArgs
 from plexus.core.engine import LLMEngine
 from plexus.core.outputs import RequestOutput
-from plexus.core.sampling_params import SamplingParams
+from plexus.core.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from plexus.entrypoints.beam_search import BeamSearchOutput
 
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -20,8 +22,8 @@ class LLM:
     """An LLM for offline generation.
 
     Args:
-        model: a local HF model directory, a .gguf file, or None for the
-            bundled SmolLM2-135M-Instruct.
+        model: a local HF model directory, a .gguf file, a Hugging Face hub
+            id, or None for the bundled SmolLM2-135M-Instruct.
         tokenizer: a tokenizer directory (default: the model's).
         **kwargs: any EngineArgs field (dtype, seed, max_model_len,
             max_num_seqs, max_num_batched_tokens, block_size,
@@ -45,29 +47,55 @@ class LLM:
         overrides = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
         return SamplingParams(**overrides)
 
-    def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request: Any = None, **kwargs: Any) -> list[RequestOutput]:
-        """Generate completions for one prompt or a list of them (strings,
-        ``{"prompt": ...}`` or ``{"prompt_token_ids": [...]}``). Returns one
-        RequestOutput per prompt, in input order."""
-        if kwargs.get("prompt_token_ids") is not None:   # vLLM's legacy keyword
-            prompts = [{"prompt_token_ids": ids} for ids in kwargs.pop("prompt_token_ids")]
-        if kwargs:
-            raise TypeError(f"generate() got an unknown keyword argument {next(iter(kwargs))!r}")
+    def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, lora_request: Any = None, priority: list[int] | None = None,
+                 prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list of them (strings, ``{"prompt": ...}`` or
+        ``{"prompt_token_ids": [...]}``). Returns one RequestOutput per prompt, in input order.
+
+        Args:
+            sampling_params: one SamplingParams for all prompts, or one per prompt.
+            priority: one integer per prompt; lower runs first with scheduling_policy="priority"
+                (accepted and ignored under the default "fcfs", as in vLLM).
+            prompt_token_ids: vLLM's legacy keyword: one list of token ids, or a list of them.
+        """
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("pass either prompts or prompt_token_ids, not both")
+            flat = bool(prompt_token_ids) and not isinstance(prompt_token_ids[0], (list, tuple))
+            prompts = [{"prompt_token_ids": ids} for ids in ([prompt_token_ids] if flat else prompt_token_ids)]
+        if prompts is None:
+            raise ValueError("generate() needs prompts (or prompt_token_ids)")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities; pass one per prompt")
+        lora_list = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        return self._run(prompts, params_list, lora_list, use_tqdm, priority or [0] * len(prompts))
+
+    def _params_per_prompt(self, sampling_params: Any, n: int) -> list[SamplingParams]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
+            params_list = [sampling_params] * n
+        elif isinstance(sampling_params, (list, tuple)):
             params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling_params; "
+            if len(params_list) != n:
+                raise ValueError(f"got {n} prompts but {len(params_list)} sampling_params; "
                                  "pass one SamplingParams or one per prompt")
-        lora_list = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
-        return self._run(prompts, params_list, lora_list, use_tqdm)
+        else:
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}"
+                            + (" (build it with SamplingParams(**d))" if isinstance(sampling_params, dict) else ""))
+        bad = next((p for p in params_list if not isinstance(p, SamplingParams)), None)
+        if bad is not None:
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(bad).__name__}")
+        # generate() returns each request once, finished: a DELTA request would come back holding only its
+        # last piece, so it runs as FINAL_ONLY (vLLM does the same).
+        return [p if p.output_kind != RequestOutputKind.DELTA else
+                dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
              use_tqdm: bool = True, lora_request: Any = None, chat_template: str | None = None,
@@ -89,14 +117,25 @@ class LLM:
             prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False), "prompt": text})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
+    def beam_search(self, prompts: Any, params: BeamSearchParams, lora_request: Any = None,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search over each prompt (vLLM's LLM.beam_search): the beam_width sequences with the best
+        length-penalized cumulative logprob."""
+        from plexus.entrypoints.beam_search import run_beam_search
+
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported yet")
+        return run_beam_search(self, prompts, params, use_tqdm)
+
     def _run(self, prompts: list, params_list: list[SamplingParams], lora_list: list,
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, priorities: list[int] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
+        priorities = priorities or [0] * len(prompts)
         try:
-            for prompt, params, lora in zip(prompts, params_list, lora_list):
+            for prompt, params, lora, priority in zip(prompts, params_list, lora_list, priorities):
                 request_id = str(next(self._request_counter))
-                engine.add_request(request_id, prompt, params, lora_request=lora)
+                engine.add_request(request_id, prompt, params, lora_request=lora, priority=priority)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)   # all or nothing: no half-submitted batch stays queued

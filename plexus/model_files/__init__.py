@@ -2,6 +2,7 @@
 directories) and what config.json and generation_config.json say. Plain file handling, no torch modules:
 the engine's configuration step and the model loader both read it."""
 from plexus.model_files.hf_config import checkpoint_dtype, load_config, load_generation_config
-from plexus.model_files.resolve import BUNDLED_MODEL_NAME, resolve_model_dir
+from plexus.model_files.resolve import BUNDLED_MODEL_NAME, HubOptions, resolve_model_dir, resolve_tokenizer_dir
 
-__all__ = ["BUNDLED_MODEL_NAME", "checkpoint_dtype", "load_config", "load_generation_config", "resolve_model_dir"]
+__all__ = ["BUNDLED_MODEL_NAME", "HubOptions", "checkpoint_dtype", "load_config", "load_generation_config",
+           "resolve_model_dir", "resolve_tokenizer_dir"]

@@ -29,6 +29,15 @@ class CpuPlatform(Platform):
         host.apply_cpu_dtype_rules(config.model)
         quant_config_for(config)    # a bad quantization setting fails now, before the model loads
 
+    def set_num_threads(self, config) -> None:
+        cores = config.env.cpu_threads_bind     # VLLM_CPU_OMP_THREADS_BIND, as vLLM's CPU backend reads it
+        if cores:
+            import os
+
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
+            logger.info("Threads bound to cores %s", cores)
+
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return host.lazy_zeros(shape, dtype)
 

@@ -56,8 +56,18 @@ def _build_and_load(cache_dir: pathlib.Path, verbose: bool) -> bool:
     key = _build_key()
     build_dir = cache_dir / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"plexus_cpu_{key}.so").exists():
-        logger.info("Building plexus CPU kernels into %s (once per machine, about a minute)", build_dir)
+    library = build_dir / f"plexus_cpu_{key}.so"
+    try:
+        if library.exists():
+            # The key already covers the source, torch and the CPU: load what was built, without
+            # cpp_extension's build lock (a process killed while holding it would leave every later start
+            # waiting on it).
+            torch.ops.load_library(str(library))
+            _register_fake_impls()
+            return True
+    except OSError as e:
+        logger.warning("could not load %s (%s); rebuilding it", library, e)
+    logger.info("Building plexus CPU kernels into %s (once per machine, about a minute)", build_dir)
     try:
         cpp_extension.load(
             name=f"plexus_cpu_{key}", sources=[str(_SOURCE)], build_directory=str(build_dir),

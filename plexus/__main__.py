@@ -1,0 +1,6 @@
+"""`python -m plexus`: the plexus command line."""
+import sys
+
+from plexus.entrypoints.cli import main
+
+sys.exit(main())

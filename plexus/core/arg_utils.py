@@ -1,0 +1,278 @@
+"""EngineArgs: the engine's settings with vLLM's names and defaults (vLLM's vllm.engine.arg_utils), and
+their validation into an EngineConfig. Every field is honoured or refused when set; none is ignored."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import plexus.model_files as model_files
+from plexus.core.config import (
+    DTYPES, CacheConfig, CompilationConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig)
+from plexus.envs import Environment
+from plexus.model_files.hf_config import quantization_method
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+@dataclass
+class EngineArgs:
+    """The engine's settings, with vLLM's names and defaults."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    seed: int | None = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None       # None: the platform's default (16; max_model_len on Neuron)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"     # "fcfs" | "priority" (lower priority values run first)
+    device: str = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    kv_cache_space: float | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    swap_space: float = 4
+    cpu_offload_gb: float = 0
+    enforce_eager: bool = False
+    compilation_config: int | dict | None = None
+    max_seq_len_to_capture: int = 8192
+    disable_log_stats: bool = False    # LLM() turns it on, as vLLM's does
+    max_logprobs: int = 20
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    served_model_name: str | None = None
+    generation_config: str = "auto"
+    load_format: str = "auto"
+    download_dir: str | None = None
+    disable_custom_all_reduce: bool = False   # plexus has no custom all-reduce kernel: True is what it does
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    override_neuron_config: dict | None = None
+
+    @classmethod
+    def from_kwargs(cls, caller: str, **kwargs: Any) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{caller}() got an unknown keyword argument {key!r}{hint}")
+        return cls(**kwargs)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for f in dataclasses.fields(EngineArgs):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool",):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            elif "dict" in f.type:        # vLLM's JSON flags: --override-neuron-config '{"cast_logits_dtype": ...}'
+                parser.add_argument(flag, type=_json_arg, default=f.default)
+            else:
+                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+                parser.add_argument(flag, type=kind, default=f.default)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    def create_engine_config(self) -> EngineConfig:
+        from plexus.platforms.registry import resolve_platform
+
+        self._check_ranges()
+        self._refuse_unsupported()
+        env = Environment.read()
+        extra = {"override_neuron_config": self.override_neuron_config}
+        platform = resolve_platform(self.device, extra)
+        if self.override_neuron_config is not None and platform.name != "neuron":
+            raise ValueError(f"override_neuron_config applies to device='neuron' only; this engine runs on the "
+                             f"{platform.name} platform")
+        hub = model_files.HubOptions(cache_dir=Path(self.download_dir) if self.download_dir else env.hub_cache_dir,
+                                     offline=env.hub_offline)
+        model_dir = model_files.resolve_model_dir(self.model, env.cache_dir, hub, self.revision)
+        tokenizer_dir = None
+        if self.tokenizer is not None and not self.skip_tokenizer_init:
+            tokenizer_dir = model_files.resolve_tokenizer_dir(self.tokenizer, hub, self.tokenizer_revision)
+        self._check_load_format(model_dir)
+        hf_config = model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code)
+        max_model_len = _max_model_len(hf_config, self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            max_batched = self.max_num_batched_tokens
+        elif self.enable_chunked_prefill:
+            max_batched = 2048
+        else:
+            max_batched = max(max_model_len, 2048)
+        if not self.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}); "
+                "without chunked prefill a whole prompt must fit in one step: raise max_num_batched_tokens, "
+                "lower max_model_len, or set enable_chunked_prefill=True")
+        quantization = self._quantization(hf_config)
+        if quantization is not None and quantization not in platform.supported_quantizations:
+            allowed = ", ".join(platform.supported_quantizations) or "none yet"
+            raise ValueError(f"quantization={quantization!r} is not supported on the {platform.name} platform; "
+                             f"supported: {allowed}")
+        if self.tensor_parallel_size > platform.max_tensor_parallel_size():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
+                             f"platform supports ({platform.max_tensor_parallel_size()})")
+        generation_config = model_files.load_generation_config(model_dir) if self.generation_config == "auto" else {}
+        config = EngineConfig(
+            model=ModelConfig(
+                model=self.model, model_dir=model_dir, tokenizer=self.tokenizer,
+                skip_tokenizer_init=self.skip_tokenizer_init, hf_config=hf_config,
+                dtype=_parse_dtype(self.dtype, hf_config), max_model_len=max_model_len,
+                seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
+                generation_config=generation_config,
+                served_model_name=self.served_model_name or self.model or model_files.BUNDLED_MODEL_NAME,
+                tokenizer_dir=tokenizer_dir,
+                dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto",
+                tokenizer_mode=self.tokenizer_mode, trust_remote_code=self.trust_remote_code),
+            cache=CacheConfig(
+                block_size=platform.default_block_size if self.block_size is None else self.block_size,
+                block_size_explicit=self.block_size is not None, enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_space=self.kv_cache_space if self.kv_cache_space is not None else env.cpu_kvcache_space_gib,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
+                enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len,
+                policy=self.scheduling_policy),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            platform=platform, quantization=quantization, enforce_eager=self.enforce_eager,
+            compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs,
+                                                self.max_seq_len_to_capture),
+            env=env, extra=extra,
+        )
+        platform.check_and_update_config(config)
+        return config
+
+    def _quantization(self, hf_config: PretrainedConfig) -> str | None:
+        """The user's quantization=, else the method the checkpoint's quantization_config names."""
+        from_checkpoint = quantization_method(hf_config)
+        if self.quantization is not None and from_checkpoint is not None and self.quantization != from_checkpoint:
+            raise ValueError(f"quantization={self.quantization!r} does not match the checkpoint, which is quantized "
+                             f"with {from_checkpoint!r} (config.json quantization_config); leave quantization unset")
+        return self.quantization or from_checkpoint
+
+    def _check_load_format(self, model_dir: Path) -> None:
+        is_gguf = self.model is not None and str(self.model).endswith(".gguf") or self.model is None
+        if self.load_format == "gguf" and not is_gguf:
+            raise ValueError(f"load_format='gguf' but model={self.model!r} is not a .gguf file")
+        if self.load_format == "safetensors" and is_gguf:
+            raise ValueError(f"load_format='safetensors' but model={self.model!r} is a GGUF file; "
+                             "use load_format='auto' or 'gguf'")
+
+    # Settings vLLM has that plexus does not act on: refused when set to anything but their default, since a
+    # setting accepted and ignored would be a silent lie. (setting, why)
+    _UNSUPPORTED = {
+        "swap_space": "plexus preempts by recomputing and never swaps KV blocks to host memory",
+        "cpu_offload_gb": "plexus keeps every weight on the device; weight offloading is not supported",
+        "max_loras": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
+        "max_lora_rank": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
+        "max_cpu_loras": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
+        "enable_lora": "LoRA adapters are not supported yet",
+        "pipeline_parallel_size": "pipeline parallelism is not supported",
+    }
+
+    def _refuse_unsupported(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, why in self._UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value != defaults[name]:
+                raise ValueError(f"{name}={value!r} is not supported: {why}; leave it at its default "
+                                 f"({defaults[name]!r})")
+        if self.tokenizer_mode not in ("auto", "slow"):
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported; allowed: auto, slow")
+
+    def _check_ranges(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.block_size is None or isinstance(self.block_size, int) and self.block_size >= 1,
+             f"block_size must be a positive integer, got {self.block_size!r}")
+        need(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
+             f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
+        need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}")
+        need(self.max_model_len is None or self.max_model_len >= 1,
+             f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        need(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+             f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        need(0 < self.gpu_memory_utilization <= 1,
+             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        need(self.kv_cache_space is None or self.kv_cache_space > 0,
+             f"kv_cache_space must be a positive number of GiB, got {self.kv_cache_space!r}")
+        need(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+             f"num_gpu_blocks_override must be a positive integer, got {self.num_gpu_blocks_override!r}")
+        need(isinstance(self.max_logprobs, int) and self.max_logprobs >= -1,
+             f"max_logprobs must be a non-negative integer or -1 (no limit), got {self.max_logprobs!r}")
+        need(self.scheduling_policy in ("fcfs", "priority"),
+             f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        need(isinstance(self.max_seq_len_to_capture, int) and self.max_seq_len_to_capture >= 1,
+             f"max_seq_len_to_capture must be a positive integer, got {self.max_seq_len_to_capture!r}")
+        need(self.load_format in ("auto", "safetensors", "gguf"),
+             f"load_format must be one of auto, safetensors, gguf; got {self.load_format!r}")
+        need(self.generation_config in ("auto", "vllm"),
+             f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
+        need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
+
+
+def _json_arg(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+
+
+def _parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch.dtype:
+    """'auto' -> the checkpoint's dtype (the platform may then refine it)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype={dtype} is not supported; allowed: auto, float32, bfloat16, float16")
+        return dtype
+    if dtype == "auto":
+        return model_files.checkpoint_dtype(hf_config)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: auto, float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+    derived = getattr(hf_config, "max_position_embeddings", None) or 2048
+    source = "max_position_embeddings in config.json"
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) and window < derived:
+        # Attention here is full-context; within the window that is exactly sliding-window attention.
+        derived, source = window, ("sliding_window in config.json: plexus attends over the whole context, "
+                                   "which equals sliding-window attention only up to the window")
+    if requested is None:
+        return derived
+    if requested > derived:
+        raise ValueError(f"max_model_len={requested} is larger than the model's maximum context length "
+                         f"({derived}, {source})")
+    return requested
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    """vLLM's arguments of the async engine: the same settings (the server adds its own)."""

@@ -1,0 +1,1 @@
+"""vLLM's import path ``vllm.engine``."""
