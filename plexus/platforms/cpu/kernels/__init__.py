@@ -18,7 +18,9 @@ import torch
 
 logger = logging.getLogger("plexus")
 
-_SOURCE = pathlib.Path(__file__).parent / "ops.cpp"
+_DIR = pathlib.Path(__file__).parent
+_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "elementwise.cpp", "attention.cpp")]
+_HEADERS = [_DIR / "common.h"]
 
 
 def _build_key() -> str:
@@ -27,7 +29,9 @@ def _build_key() -> str:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in _SOURCES + _HEADERS:
+        h.update(path.read_bytes())
     h.update(torch.__version__.encode())
     h.update(flags.encode())
     return h.hexdigest()[:16]
@@ -70,7 +74,8 @@ def _build_and_load(cache_dir: pathlib.Path, verbose: bool) -> bool:
     logger.info("Building plexus CPU kernels into %s (once per machine, about a minute)", build_dir)
     try:
         cpp_extension.load(
-            name=f"plexus_cpu_{key}", sources=[str(_SOURCE)], build_directory=str(build_dir),
+            name=f"plexus_cpu_{key}", sources=[str(p) for p in _SOURCES], build_directory=str(build_dir),
+            extra_include_paths=[str(_DIR)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
             is_python_module=False, verbose=verbose)
     except Exception as e:  # no compiler, unsupported flags, ...: the torch path serves

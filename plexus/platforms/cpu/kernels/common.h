@@ -1,0 +1,69 @@
+// Shared by the CPU kernels' translation units: includes, the dtype dispatch, scalar and AVX-512 load
+// helpers, and the tensor-level ops each file defines (registered as torch.ops.plexus.* in ops.cpp).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// The model dtypes the CPU platform runs: fp32 and bf16.
+#define PLEXUS_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+
+namespace plexus {
+
+using bf16 = c10::BFloat16;
+
+inline float to_f(float v) { return v; }
+inline float to_f(bf16 v) { return static_cast<float>(v); }
+template <typename T> inline T from_f(float v);
+template <> inline float from_f<float>(float v) { return v; }
+template <> inline bf16 from_f<bf16>(float v) { return bf16(v); }  // round to nearest even
+
+#if defined(__AVX512F__)
+// 16 lanes of T as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// 32 bf16 lanes (n < 32: the first n, the rest zero), and the bf16-pair view dpbf16 takes.
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+inline __m512i load32(const bf16* p, int64_t n) {
+  return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+}
+#endif
+
+// linear.cpp
+bool has_fast_linear();
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool out_fp32);
+// elementwise.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);
+at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                          const at::Tensor& sin, at::Tensor kv_cache, const at::Tensor& slot_mapping,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+// attention.cpp
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale);
+std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits);
+
+}  // namespace plexus
