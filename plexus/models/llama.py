@@ -115,7 +115,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = build.linear("lm_head", cfg.hidden_size, [cfg.vocab_size], bias=False)
-
+        if self.tie_word_embeddings:
+            del self.lm_head.weight      # the embedding's, tied in load_weights: no storage of its own
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, fused: bool = True) -> torch.Tensor:
         """Final hidden states [T, hidden]. fused=False keeps the layer-by-layer ops (what torch.compile
