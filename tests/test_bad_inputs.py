@@ -114,7 +114,7 @@ def test_a_fault_while_running_a_step_finishes_only_its_request(llm_fp32, alone)
         return logits
 
     outs = llm_fp32.generate([HEALTHY, "Hi there", HEALTHY],
-                             [GREEDY, SamplingParams(max_tokens=8, logits_processors=[explode]), GREEDY],
+                             [GREEDY, SamplingParams(max_tokens=8, ignore_eos=True, logits_processors=[explode]), GREEDY],
                              use_tqdm=False)
     assert outs[0].outputs[0].token_ids == alone and outs[2].outputs[0].token_ids == alone
     failed = outs[1].outputs[0]
