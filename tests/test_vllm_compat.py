@@ -87,7 +87,9 @@ def test_vllm_chat_example(monkeypatch, capsys):
     out = _run_example(EXAMPLES / "basic" / "chat.py", SMALL + ["--max-tokens", "8", "--temperature", "0"],
                        monkeypatch, capsys)
     texts = re.findall(r"Generated text: '(.*)'", out)
-    assert len(texts) == 11 and len(set(texts)) == 1 and texts[0]     # greedy: the same reply eleven times
+    # Greedy: the batch of ten identical conversations gives ten identical replies (the single one before it
+    # may differ in bf16 rounding, see test_vllm_prefix_caching_example_runs).
+    assert len(texts) == 11 and all(texts) and len(set(texts[1:])) == 1
 
 
 def test_cleanup_dist_env_and_memory_frees_the_engine_and_the_process_group():
