@@ -17,6 +17,8 @@ values for a row whether or not the stage's fast path skips it for the batch,
 which is what keeps that promise when the batch's mix of settings changes.
 """
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,7 +221,10 @@ def _apply_request_processing(logits: torch.Tensor, metadata: SamplingMetadata) 
         output_ids = metadata.output_token_ids[row]
         for fn in p.logits_processors or ():
             prompt_ids = metadata.prompt_token_ids[row] if metadata.prompt_token_ids is not None else []
-            takes_prompt = _takes_prompt(fn)
+            try:
+                takes_prompt = _takes_prompt(fn)
+            except TypeError:            # an unhashable callable: ask directly
+                takes_prompt = _takes_prompt.__wrapped__(fn)
             result = fn(prompt_ids, output_ids, logits[row]) if takes_prompt else fn(output_ids, logits[row])
             if not isinstance(result, torch.Tensor) or result.shape != logits[row].shape:
                 raise ValueError(f"a logits processor returned {type(result).__name__}"
@@ -240,10 +245,10 @@ def _apply_request_processing(logits: torch.Tensor, metadata: SamplingMetadata) 
             logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
 
 
+@functools.lru_cache(maxsize=1024)
 def _takes_prompt(fn) -> bool:
-    """vLLM's two logits-processor signatures: (output_ids, logits) or (prompt_ids, output_ids, logits)."""
-    import inspect
-
+    """vLLM's two logits-processor signatures: (output_ids, logits) or (prompt_ids, output_ids, logits).
+    Asked once per processor, not at every step."""
     try:
         return len(inspect.signature(fn).parameters) == 3
     except (TypeError, ValueError):

@@ -44,6 +44,8 @@ class BeamSearchParams:
     ignore_eos: bool = False
     temperature: float = 0.0
     length_penalty: float = 1.0
+    # vLLM's field, kept for its scripts: beam search stops only at EOS, whose token stays in each sequence's
+    # tokens and text either way, so there is no stop string to include or leave out.
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
