@@ -116,8 +116,8 @@ def test_only_the_decoder_layers_matmuls_are_quantized():
 def test_quant_dtype_comes_from_neuron_quant_dtype():
     assert make_quant_config("neuron_quant", {}) == NeuronQuantConfig("s8")
     assert make_quant_config("neuron_quant", {"NEURON_QUANT_DTYPE": "f8e4m3fn"}) == NeuronQuantConfig("f8e4m3fn")
-    with pytest.raises(ValueError, match="known: neuron_quant"):
-        make_quant_config("awq", {})
+    with pytest.raises(ValueError, match="known: neuron_quant, int8, w8a8, fp8, awq, gptq"):
+        make_quant_config("marlin", {})
 
 
 def test_bad_neuron_quant_dtype_names_the_variable_and_the_allowed_values(monkeypatch):

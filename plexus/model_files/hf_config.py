@@ -17,9 +17,37 @@ def load_config(model_dir, trust_remote_code: bool = False) -> transformers.Pret
     if not (model_dir / "config.json").is_file():
         raise ValueError(missing_config_message(model_dir))
     try:
-        return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"cannot read {model_dir / 'config.json'}: {error}") from None
+    if getattr(config, "quantization_config", None) is None:
+        quant = _separate_quant_config(model_dir, config)
+        if quant is not None:
+            config.quantization_config = quant
+    return config
+
+
+# Where checkpoints keep their quantization settings when config.json has no quantization_config.
+_QUANT_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
+def _separate_quant_config(model_dir: pathlib.Path, config) -> dict | None:
+    """LLMC's vLLM export writes `compression_config` in config.json; older AutoGPTQ / AutoAWQ checkpoints
+    have quantize_config.json / quant_config.json beside it."""
+    compression = getattr(config, "compression_config", None)
+    if isinstance(compression, dict):
+        return {"quant_method": "compressed-tensors", **compression}
+    for name, method in _QUANT_FILES.items():
+        path = model_dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as error:
+                raise ValueError(f"cannot parse {path}: {error}") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path} must hold a JSON object")
+            return {"quant_method": method, **data}
+    return None
 
 
 def checkpoint_dtype(config) -> torch.dtype:

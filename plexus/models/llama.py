@@ -25,6 +25,21 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 _SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+def _linear_for(modules: dict[str, nn.Module], name: str) -> tuple[LinearLayer | None, str, int | None]:
+    """The LinearLayer a checkpoint tensor belongs to, the parameter name within it (which may have dots,
+    as bitsandbytes' "weight.absmax"), and its shard of a fused layer."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        path, shard = parts[:end], None
+        if path[-1] in _FUSED:
+            path = path[:-1] + [_FUSED[path[-1]][0]]
+            shard = _FUSED[parts[end - 1]][1]
+        module = modules.get(".".join(path))
+        if isinstance(module, LinearLayer):
+            return module, ".".join(parts[end:]), shard
+    return None, "", None
+
+
 class _Builder:
     """Makes each LinearLayer with the method the quantization config picks for its checkpoint names."""
 
@@ -150,14 +165,10 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name:
                 continue
             name = name.removeprefix("model.")
-            if name == "lm_head.weight" and self.tie_word_embeddings:
+            if name.startswith("lm_head.") and self.tie_word_embeddings:
                 continue  # tied: the embedding serves as the head
-            *path, param_name = name.split(".")
-            shard = None
-            if path and path[-1] in _FUSED:
-                path[-1], shard = _FUSED[path[-1]]
-            module = modules.get(".".join(path))
-            if isinstance(module, LinearLayer):
+            module, param_name, shard = _linear_for(modules, name)
+            if module is not None:
                 module.load_weight(param_name, tensor, shard, source=name)
             elif name in params:
                 if params[name].shape != tensor.shape:

@@ -28,9 +28,19 @@ def build_model(config, platform, attn_backend: type | None = None) -> torch.nn.
     quant_config = quant_config_for(config)
     with torch.device("meta"):
         model = model_cls(hf_config, attn_backend, config.model.max_model_len, ops=ops, quant_config=quant_config)
-    model = platform.materialize(model.to(dtype=config.model.dtype))
+    model = platform.materialize(cast_floating(model, config.model.dtype))
     model.load_weights(loader.iterate_weights(config.model.model_dir))
     return platform.finalize_model(model).eval()
+
+
+def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """model.to(dtype), except parameters a quantization method keeps in its own dtype (WeightDims.dtype_fixed)."""
+    for module in model.modules():
+        dims = getattr(module, "dims", {})
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and not (name in dims and dims[name].dtype_fixed):
+                tensor.data = tensor.data.to(dtype)
+    return model
 
 
 def quant_config_for(config):

@@ -39,6 +39,11 @@ class WeightDims:
     output_dim: int | None
     input_dim: int | None
     pack_factor: int = 1
+    # One slice per output shard along a leading axis (a per-shard scalar scale, an act-order g_idx: q, k
+    # and v each have their own), the slice for shard s at index s; the other dims count after that axis.
+    per_shard: bool = False
+    # Kept in the dtype the method made it (scales in float32) when the model is cast to its compute dtype.
+    dtype_fixed: bool = False
 
 
 class LinearMethod:
@@ -51,6 +56,12 @@ class LinearMethod:
     def create_weights(self, layer: LinearLayer, dtype: torch.dtype) -> None:
         layer.register_weight("weight", torch.empty(layer.local_output_size, layer.local_input_size, dtype=dtype),
                               WeightDims(output_dim=0, input_dim=1))
+
+    def load_weight(self, layer: LinearLayer, name: str, tensor: torch.Tensor, shard: int | None, source: str
+                    ) -> bool:
+        """A method whose checkpoint tensors do not fit register_weight (names with dots, per-shard state
+        objects) takes them here and returns True; the default leaves every tensor to LinearLayer."""
+        return False
 
     def process_weights_after_loading(self, layer: LinearLayer) -> None:
         pass
@@ -81,6 +92,7 @@ class LinearLayer(nn.Module):
         self.method = method or UNQUANTIZED
         self.ops = ops or ModelOps()
         self.dims: dict[str, WeightDims] = {}
+        self._loaded: set[tuple[str, int | None]] = set()
         self.method.create_weights(self, dtype or torch.get_default_dtype())
         if bias:
             self.register_weight("bias", torch.empty(self.local_output_size, dtype=dtype), WeightDims(0, None))
@@ -88,7 +100,6 @@ class LinearLayer(nn.Module):
             self.bias = None
         self.packed_weight = None    # a platform's faster layout of `weight` (Platform.finalize_model)
         self.delta: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._loaded: set[tuple[str, int | None]] = set()
 
     def register_weight(self, name: str, tensor: torch.Tensor, dims: WeightDims) -> None:
         """For LinearMethod.create_weights: a parameter under the checkpoint's tensor name."""
@@ -111,6 +122,9 @@ class LinearLayer(nn.Module):
         """Copy checkpoint tensor `source` (this layer's parameter `name`, shard `shard` of a fused layer)
         into its place, narrowed to this rank's part."""
         source = source or name
+        if self.method.load_weight(self, name, tensor, shard, source):
+            self._loaded.add((name, shard))
+            return
         if name not in self.dims:
             raise ValueError(f"checkpoint tensor {source!r} has no place in this layer (its parameters: "
                              f"{', '.join(self.dims)}); is the checkpoint quantized with another method?")
@@ -125,15 +139,26 @@ class LinearLayer(nn.Module):
             size = tensor.shape[dims.input_dim] // self.tp_size
             tensor = tensor.narrow(dims.input_dim, self.tp_rank * size, size)
         dest = param.data
-        if shard is not None and dims.output_dim is not None:
+        if dims.per_shard:
+            dest = dest[shard or 0]
+        elif shard is not None and dims.output_dim is not None:
             offset = sum(self.local_output_sizes[:shard]) // dims.pack_factor
             size = self.local_output_sizes[shard] // dims.pack_factor
             dest = dest.narrow(dims.output_dim, offset, size)
-        if dest.shape != tensor.shape:
+        if dest.shape != tensor.shape and not (dims.per_shard and dest.numel() == tensor.numel() == 1):
             raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)} (this rank's part), "
                              f"expected {tuple(dest.shape)}")
-        dest.copy_(tensor)
+        if dest.dtype != tensor.dtype and not (dest.is_floating_point() and tensor.is_floating_point()
+                                               and min(dest.element_size(), tensor.element_size()) > 1):
+            raise ValueError(f"checkpoint tensor {source!r} has dtype {tensor.dtype}, expected {dest.dtype}")
+        dest.copy_(tensor.reshape(dest.shape))
         self._loaded.add((name, shard))
+
+    def mark_optional(self, name: str) -> None:
+        """For LinearMethod.create_weights: a parameter a checkpoint may leave out (the method tells which
+        shards it got through its load_weight hook; the values of one never loaded are undefined)."""
+        shards = [None] if len(self.output_sizes) == 1 else range(len(self.output_sizes))
+        self._loaded.update((name, s) for s in shards)
 
     def missing_weights(self) -> list[str]:
         """The parameters (and shards) no checkpoint tensor has filled yet."""
@@ -143,8 +168,7 @@ class LinearLayer(nn.Module):
 
     def mark_loaded(self, name: str) -> None:
         """For parameters shared with another module (a head tied to the embeddings)."""
-        shards = [None] if len(self.output_sizes) == 1 else range(len(self.output_sizes))
-        self._loaded.update((name, s) for s in shards)
+        self.mark_optional(name)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, "

@@ -17,7 +17,8 @@ logger = logging.getLogger("plexus")
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
-    supported_quantizations = ("neuron_quant",)
+    supported_quantizations = ("neuron_quant", "int8", "w8a8", "fp8", "awq", "gptq", "compressed-tensors",
+                               "bitsandbytes", "gguf")
     auto_priority = 0
 
     def is_available(self) -> bool:

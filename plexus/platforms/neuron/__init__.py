@@ -40,6 +40,7 @@ def missing_requirements() -> list[str]:
 class NeuronPlatform(Platform):
     name = "neuron"
     device_type = "cpu"          # the host side: the SDK takes and returns CPU tensors, the sampler runs there
+    # The SDK quantizes the weights itself (NEURON_QUANT_DTYPE); quantized checkpoint formats are refused.
     supported_quantizations = ("neuron_quant",)
     supports_paged_kv = False
     supports_prompt_logprobs = False

@@ -1,0 +1,156 @@
+"""fp8: float8_e4m3fn weights with float32 scales, as vLLM's `quant_method: "fp8"` checkpoints store them
+(and compressed-tensors' float-quantized format, which reuses the method below).
+
+- Per tensor (AutoFP8, llm-compressor for vLLM): `weight` e4m3 [out, in], `weight_scale` a scalar per
+  checkpoint tensor (so q, k and v of a fused layer each have theirs); w = q * scale.
+- Per channel (compressed-tensors): `weight_scale` [out, 1].
+- Block-wise (`weight_block_size: [bn, bk]`, DeepSeek-V3): `weight_scale_inv` [ceil(out/bn), ceil(in/bk)],
+  w[n, k] = q[n, k] * scale_inv[n // bn, k // bk] (multiplied, whatever its name says).
+- `activation_scheme: "static"`: each tensor's `input_scale`; the activations are rounded to e4m3 on that
+  scale (the largest of a fused layer's, as vLLM does) before the matmul. "dynamic": the activations stay in
+  the compute dtype here (vLLM's GPU kernels quantize them per token; weight-only is the more accurate).
+- quantization="fp8" on an unquantized checkpoint quantizes on load, per output channel.
+
+The matmul dequantizes a block of rows at a time to the activations' dtype (e4m3 values are exact in bf16)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plexus.models.layers.linear import LinearLayer, LinearMethod, WeightDims
+from plexus.models.quantization.base import QuantizationConfig
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)   # 448
+_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Fp8Config(QuantizationConfig):
+    from_checkpoint: bool = False
+    static_activations: bool = False
+    block: tuple[int, int] | None = None
+    ignored: tuple[str, ...] = ()
+    name = "fp8"
+
+    @classmethod
+    def from_config(cls, hf_quant_config: dict | None, environ: Mapping[str, str]) -> Fp8Config:
+        if not hf_quant_config:
+            return cls()    # quantize on load
+        c = hf_quant_config
+        scheme = c.get("activation_scheme", "dynamic")
+        if scheme not in ("static", "dynamic"):
+            raise ValueError(f"fp8: activation_scheme={scheme!r} is not supported; supported: static, dynamic")
+        block = c.get("weight_block_size")
+        if block is not None:
+            if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block)):
+                raise ValueError(f"fp8: weight_block_size={block!r} must be two positive integers [rows, columns]")
+            if scheme == "static":
+                raise ValueError("fp8: activation_scheme='static' with weight_block_size is not a valid combination "
+                                 "(block-wise checkpoints quantize activations dynamically)")
+            block = (int(block[0]), int(block[1]))
+        ignored = tuple(c.get("ignored_layers") or c.get("modules_to_not_convert") or ())
+        return cls(True, scheme == "static", block, ignored)
+
+    def quantized_method(self, prefix: str) -> LinearMethod | None:
+        if prefix == "lm_head":
+            return None
+        if not self.from_checkpoint:
+            return Fp8LinearMethod(prefix, "online")
+        if self.block is not None:
+            return Fp8LinearMethod(prefix, "block", block=self.block)
+        return Fp8LinearMethod(prefix, "tensor", static_activations=self.static_activations)
+
+
+class Fp8LinearMethod(LinearMethod):
+    """strategy: "tensor" (a scalar weight_scale per shard), "channel" ([out, 1]), "block" (weight_scale_inv
+    per block) or "online" (quantize a full-precision weight after loading, per channel)."""
+
+    quantized = True
+
+    def __init__(self, prefix: str, strategy: str, block: tuple[int, int] | None = None,
+                 static_activations: bool = False) -> None:
+        self.prefix, self.strategy, self.block, self.static_activations = prefix, strategy, block, static_activations
+
+    def create_weights(self, layer: LinearLayer, dtype: torch.dtype) -> None:
+        n, k, shards = layer.local_output_size, layer.local_input_size, len(layer.output_sizes)
+        if self.strategy == "online":
+            super().create_weights(layer, dtype)
+            return
+        layer.register_weight("weight", torch.empty(n, k, dtype=torch.float8_e4m3fn), WeightDims(0, 1, dtype_fixed=True))
+        if self.strategy == "tensor":
+            layer.register_weight("weight_scale", torch.empty(shards, dtype=torch.float32),
+                                  WeightDims(None, None, per_shard=True, dtype_fixed=True))
+        elif self.strategy == "channel":
+            layer.register_weight("weight_scale", torch.empty(n, 1, dtype=torch.float32), WeightDims(0, None, dtype_fixed=True))
+        else:
+            bn, bk = self.block
+            cols = math.ceil(k / bk)
+            # Each shard's blocks start at its own first row: one [ceil(rows/bn), cols] slice per shard.
+            rows = max(math.ceil(size / bn) for size in layer.local_output_sizes)
+            layer.register_weight("weight_scale_inv", torch.empty(shards, rows, cols, dtype=torch.float32),
+                                  WeightDims(None, 1, per_shard=True, dtype_fixed=True))
+            self._shard_rows = [math.ceil(size / bn) for size in layer.local_output_sizes]
+        if self.static_activations:
+            layer.register_weight("input_scale", torch.empty(shards, dtype=torch.float32),
+                                  WeightDims(None, None, per_shard=True, dtype_fixed=True))
+
+    def load_weight(self, layer: LinearLayer, name: str, tensor: torch.Tensor, shard: int | None, source: str) -> bool:
+        if name != "weight_scale_inv" or self.strategy != "block":
+            return False
+        rows = self._shard_rows[shard or 0]
+        expected = (rows, layer.weight_scale_inv.shape[2])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, expected {expected} "
+                             f"(weight_block_size={list(self.block)})")
+        layer.weight_scale_inv.data[shard or 0, :rows].copy_(tensor)
+        return True
+
+    def process_weights_after_loading(self, layer: LinearLayer) -> None:
+        if self.strategy == "online":
+            w = layer.weight.detach().float()
+            scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+            layer.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
+            layer.row_scale = nn.Parameter(scale, requires_grad=False)
+            return
+        sizes = layer.local_output_sizes
+        if self.strategy == "tensor":
+            scale = torch.cat([s.expand(size) for s, size in zip(layer.weight_scale, sizes)])
+        elif self.strategy == "channel":
+            scale = layer.weight_scale[:, 0]
+        else:
+            bn, bk = self.block
+            parts = [layer.weight_scale_inv[i, :rows].repeat_interleave(bn, 0)[:size]
+                     for i, (rows, size) in enumerate(zip(self._shard_rows, sizes))]
+            scale = torch.cat(parts)       # [N, ceil(K / bk)]: rows expanded, columns expanded per block of rows
+            del layer.weight_scale_inv
+        if not torch.isfinite(scale).all() or bool((scale <= 0).any()):
+            raise ValueError(f"{self.prefix}: fp8 weight scales must be positive and finite")
+        layer.row_scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)
+        if self.strategy in ("tensor", "channel"):
+            del layer.weight_scale
+        if self.static_activations:
+            layer.input_scale_max = nn.Parameter(layer.input_scale.max().reshape(()), requires_grad=False)
+            del layer.input_scale
+
+    def dequantize(self, layer: LinearLayer, rows: slice | None = None) -> torch.Tensor:
+        rows = rows or slice(None)
+        scale = layer.row_scale[rows]
+        w = layer.weight[rows].float()
+        if scale.dim() == 1:
+            return w * scale[:, None]
+        return w * scale.repeat_interleave(self.block[1], 1)[:, :w.shape[1]]
+
+    def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
+        if self.static_activations:
+            s = layer.input_scale_max
+            x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+        n = layer.weight.shape[0]
+        outs = [F.linear(x, self.dequantize(layer, slice(r, r + _ROWS)).to(x.dtype)) for r in range(0, n, _ROWS)]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        bias = layer.bias_for_rank()
+        return y if bias is None else y + bias
