@@ -109,7 +109,9 @@ def test_unknown_device_lists_the_registered_platforms(llm_fp32):
     (dict(dtype="float8"), "dtype='float8' is not supported; allowed: auto, float32, bfloat16, float16"),
     (dict(block_size=0), "block_size must be a positive integer"),
     (dict(max_model_len=10 ** 6), "max_model_len=1000000 is larger than the model's maximum context length"),
-    (dict(quantization="awq"), "quantization='awq' is not supported on the cpu platform"),
+    (dict(quantization="awq"), "quantization='awq' loads AWQ checkpoints; this model has no AWQ quantization_config"),
+    (dict(quantization="marlin"), r"quantization='marlin' is not supported on the cpu platform; it runs: neuron_quant, "
+                                  "int8, w8a8, fp8, awq, gptq, compressed-tensors, bitsandbytes, gguf"),
     (dict(tensor_parallel_size=2), "tensor_parallel_size=2 exceeds"),
     (dict(enable_chunked_prefill=False, max_num_batched_tokens=256, max_model_len=1024),
      "without chunked prefill a whole prompt must fit in one step"),

@@ -106,12 +106,12 @@ class EngineArgs:
                              f"{platform.name} platform")
         hub = model_files.HubOptions(cache_dir=Path(self.download_dir) if self.download_dir else env.hub_cache_dir,
                                      offline=env.hub_offline)
-        model_dir = model_files.resolve_model_dir(self.model, env.cache_dir, hub, self.revision)
+        model_dir = model_files.resolve_model_dir(self.model, env.cache_dir, hub, self.revision, self.quantization)
         tokenizer_dir = None
         if self.tokenizer is not None and not self.skip_tokenizer_init:
             tokenizer_dir = model_files.resolve_tokenizer_dir(self.tokenizer, hub, self.tokenizer_revision)
-        self._check_load_format(model_dir)
         hf_config = model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code)
+        self._check_load_format(model_dir, hf_config)
         max_model_len = _max_model_len(hf_config, self.max_model_len)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
@@ -126,9 +126,11 @@ class EngineArgs:
                 "lower max_model_len, or set enable_chunked_prefill=True")
         quantization = self._quantization(hf_config)
         if quantization is not None and quantization not in platform.supported_quantizations:
-            allowed = ", ".join(platform.supported_quantizations) or "none yet"
-            raise ValueError(f"quantization={quantization!r} is not supported on the {platform.name} platform; "
-                             f"supported: {allowed}")
+            allowed = ", ".join(platform.supported_quantizations) or "none"
+            asked = (f"quantization={quantization!r} is" if self.quantization is not None else
+                     f"this checkpoint is quantized with quant_method={quantization!r} (config.json "
+                     "quantization_config), which is")
+            raise ValueError(f"{asked} not supported on the {platform.name} platform; it runs: {allowed}")
         if self.tensor_parallel_size > platform.max_tensor_parallel_size():
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
                              f"platform supports ({platform.max_tensor_parallel_size()})")
@@ -171,13 +173,19 @@ class EngineArgs:
                              f"with {from_checkpoint!r} (config.json quantization_config); leave quantization unset")
         return self.quantization or from_checkpoint
 
-    def _check_load_format(self, model_dir: Path) -> None:
+    def _check_load_format(self, model_dir: Path, hf_config: PretrainedConfig) -> None:
         is_gguf = self.model is not None and str(self.model).endswith(".gguf") or self.model is None
         if self.load_format == "gguf" and not is_gguf:
             raise ValueError(f"load_format='gguf' but model={self.model!r} is not a .gguf file")
         if self.load_format == "safetensors" and is_gguf:
             raise ValueError(f"load_format='safetensors' but model={self.model!r} is a GGUF file; "
                              "use load_format='auto' or 'gguf'")
+        # As in vLLM: the bitsandbytes loader goes with bitsandbytes quantization (the user's, or the
+        # checkpoint's), which in turn needs no load_format (auto reads the same tensors).
+        quantization = self.quantization or quantization_method(hf_config)
+        if self.load_format == "bitsandbytes" and quantization != "bitsandbytes":
+            raise ValueError(f"load_format='bitsandbytes' loads with quantization='bitsandbytes', but quantization "
+                             f"is {quantization!r}; set quantization='bitsandbytes' or leave load_format='auto'")
 
     # Settings vLLM has that plexus does not act on: refused when set to anything but their default, since a
     # setting accepted and ignored would be a silent lie. (setting, why)
@@ -228,8 +236,8 @@ class EngineArgs:
              f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         need(isinstance(self.max_seq_len_to_capture, int) and self.max_seq_len_to_capture >= 1,
              f"max_seq_len_to_capture must be a positive integer, got {self.max_seq_len_to_capture!r}")
-        need(self.load_format in ("auto", "safetensors", "gguf"),
-             f"load_format must be one of auto, safetensors, gguf; got {self.load_format!r}")
+        need(self.load_format in ("auto", "safetensors", "gguf", "bitsandbytes"),
+             f"load_format must be one of auto, safetensors, gguf, bitsandbytes; got {self.load_format!r}")
         need(self.generation_config in ("auto", "vllm"),
              f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
         need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")

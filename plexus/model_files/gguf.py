@@ -6,6 +6,13 @@ directory under the plexus cache and reused from then on: config and tokenizer
 come from transformers' own GGUF parsers, the weights are dequantized to
 float32 with the gguf library, so the converted values are exactly the
 dequantized ones.
+
+For quantization="gguf" a second directory (its own cache key) keeps the
+linear layers' weights as they are in the file: `<module>.qweight`, the raw
+rows as uint8 [out, bytes per row], and `<module>.qweight_type`, an int32
+GGMLQuantizationType, with quantization_config {"quant_method": "gguf"}
+(plexus.models.quantization.gguf runs them). Embeddings, norms and biases are
+dequantized as in the default directory.
 """
 
 import hashlib
@@ -66,6 +73,9 @@ _LAYER_NAMES = {
 # what config.rope_parameters describes.
 _IGNORED_TENSORS = {"rope_freqs.weight"}
 
+# The HF modules that are linear layers: their weights stay quantized for quantization="gguf".
+_LINEAR_MODULES = {name for name in _LAYER_NAMES.values() if name.endswith("_proj")} | {"lm_head"}
+
 _FILE_TYPE_TO_DTYPE = {
     gguf.LlamaFileType.ALL_F32: "float32",
     gguf.LlamaFileType.MOSTLY_BF16: "bfloat16",
@@ -92,14 +102,16 @@ def bundled_gguf_path() -> pathlib.Path:
     )
 
 
-def convert_gguf(gguf_path, cache_root=None) -> pathlib.Path:
+def convert_gguf(gguf_path, cache_root=None, quantized: bool = False) -> pathlib.Path:
     """Convert `gguf_path` into a Hugging Face model directory in the cache
-    and return it; a file converted before is not converted again."""
+    and return it; a file converted before is not converted again.
+    quantized: keep the linear weights' GGUF blocks (quantization="gguf")."""
     gguf_path = pathlib.Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise ValueError(f"GGUF file {gguf_path} does not exist")
     models_dir = _cache_root(cache_root) / "models"
-    target = models_dir / f"{gguf_path.stem}-{_cache_key(gguf_path)}"
+    mode = "-gguf" if quantized else ""
+    target = models_dir / f"{gguf_path.stem}{mode}-{_cache_key(gguf_path, quantized)}"
     if (target / "config.json").is_file():
         return target
 
@@ -110,7 +122,7 @@ def convert_gguf(gguf_path, cache_root=None) -> pathlib.Path:
     tmp = models_dir / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _convert_into(gguf_path, tmp)
+        _convert_into(gguf_path, tmp, quantized)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -128,13 +140,15 @@ def _cache_root(cache_root) -> pathlib.Path:
     return pathlib.Path(cache_root).expanduser() if cache_root is not None else cache_dir()
 
 
-def _cache_key(gguf_path: pathlib.Path) -> str:
+def _cache_key(gguf_path: pathlib.Path, quantized: bool = False) -> str:
     stat = gguf_path.stat()
     key = f"{_CONVERTER_VERSION}\0{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    if quantized:
+        key += "\0gguf"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
+def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path, quantized: bool) -> None:
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError) as error:
@@ -145,11 +159,18 @@ def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
             f"GGUF file {gguf_path} has architecture {architecture!r}; plexus converts "
             f"GGUF architectures {sorted(_ARCHITECTURES)}"
         )
+    if quantized:
+        _check_quantized_types(reader, gguf_path)
 
     config = transformers.AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config.architectures = [_MODEL_TYPE_TO_ARCHITECTURE[config.model_type]]
     file_type = _read_field(reader, "general.file_type")
     config.dtype = _FILE_TYPE_TO_DTYPE.get(file_type, "float16")
+    if quantized:
+        config.quantization_config = {"quant_method": "gguf"}
+        if getattr(config, "tie_word_embeddings", False):
+            # The head is the embedding, which stays dequantized.
+            config.quantization_config["modules_to_not_convert"] = ["lm_head"]
     config.save_pretrained(out_dir)
     transformers.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
@@ -158,7 +179,7 @@ def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
     )
     tokenizer.save_pretrained(out_dir)
 
-    _write_weights(reader, config, _ARCHITECTURES[architecture], out_dir)
+    _write_weights(reader, config, _ARCHITECTURES[architecture], out_dir, quantized)
 
 
 def _read_field(reader: gguf.GGUFReader, key: str):
@@ -166,7 +187,27 @@ def _read_field(reader: gguf.GGUFReader, key: str):
     return None if field is None else field.contents()
 
 
-def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path) -> None:
+def _check_quantized_types(reader, gguf_path: pathlib.Path) -> None:
+    """Before anything is written: every linear weight has a type quantization="gguf" runs."""
+    from plexus.models.quantization.gguf import SUPPORTED_TYPES
+
+    for tensor in reader.tensors:
+        if tensor.name in _IGNORED_TENSORS or not _is_linear_weight(_hf_name(tensor.name)):
+            continue
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"GGUF file {gguf_path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which "
+                f"quantization='gguf' does not run (it runs {', '.join(t.name for t in SUPPORTED_TYPES)}); "
+                "leave quantization unset to run the file dequantized"
+            )
+
+
+def _is_linear_weight(hf_name: str) -> bool:
+    match = re.fullmatch(r"(?:model\.layers\.\d+\.)?(.+)\.weight", hf_name)
+    return match is not None and match.group(1) in _LINEAR_MODULES
+
+
+def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path, quantized: bool = False) -> None:
     shard_names: list[list[str]] = []  # tensor names of each shard written so far
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -174,8 +215,14 @@ def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path) -> 
         if tensor.name in _IGNORED_TENSORS:
             continue
         name = _hf_name(tensor.name)
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # torch order
-        weight = np.array(weight, dtype=np.float32)  # copy: the reader's data is a memmap
+        if quantized and _is_linear_weight(name):
+            # The file's rows as they are (a float type's values as bytes too): [out, bytes per row].
+            weight = np.array(tensor.data).view(np.uint8)
+            weight = weight.reshape(weight.shape[0], -1)
+        else:
+            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # torch order
+            weight = np.array(weight, dtype=np.float32)  # copy: the reader's data is a memmap
+        # Whole rows move, so the bytes of quantized rows unpermute as the values do.
         if permuted_qk and name.endswith("q_proj.weight"):
             weight = _unpermute(weight, config.num_attention_heads)
         elif permuted_qk and name.endswith("k_proj.weight"):
@@ -183,7 +230,12 @@ def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path) -> 
         if shard and shard_bytes + weight.nbytes > _SHARD_BYTES:
             _save_shard(shard, shard_names, out_dir)
             shard, shard_bytes = {}, 0
-        shard[name] = torch.from_numpy(weight)
+        if quantized and _is_linear_weight(name):
+            module = name.removesuffix(".weight")
+            shard[f"{module}.qweight"] = torch.from_numpy(np.ascontiguousarray(weight))
+            shard[f"{module}.qweight_type"] = torch.tensor(int(tensor.tensor_type), dtype=torch.int32)
+        else:
+            shard[name] = torch.from_numpy(weight)
         shard_bytes += weight.nbytes
     _save_shard(shard, shard_names, out_dir)
 

@@ -30,23 +30,25 @@ class HubOptions:
 
 
 def resolve_model_dir(model: str | None, cache_root: pathlib.Path | None = None, hub: HubOptions | None = None,
-                      revision: str | None = None) -> pathlib.Path:
+                      revision: str | None = None, quantization: str | None = None) -> pathlib.Path:
     """The local Hugging Face directory to serve `model` from. An existing path wins over the bundled name,
-    which wins over the hub. cache_root: where GGUF conversions go (default $PLEXUS_CACHE_DIR)."""
+    which wins over the hub. cache_root: where GGUF conversions go (default $PLEXUS_CACHE_DIR).
+    quantization: the user's quantization=; "gguf" converts a GGUF file keeping its quantized blocks."""
+    quantized = quantization == "gguf"
     if model is None:
-        return convert_gguf(bundled_gguf_path(), cache_root)
+        return convert_gguf(bundled_gguf_path(), cache_root, quantized)
     path = pathlib.Path(model).expanduser()
     if path.is_dir():
-        return _resolve_dir(path, cache_root)
+        return _resolve_dir(path, cache_root, quantized)
     if path.is_file():
         if path.suffix == ".gguf":
-            return convert_gguf(path, cache_root)
+            return convert_gguf(path, cache_root, quantized)
         raise ValueError(
             f"model {model!r} is a file but not a .gguf file; pass a model directory "
             "(config.json + safetensors) or a .gguf file"
         )
     if str(model) in _BUNDLED_ALIASES and revision is None:
-        return convert_gguf(bundled_gguf_path(), cache_root)
+        return convert_gguf(bundled_gguf_path(), cache_root, quantized)
     return from_hub("model", str(model), hub, revision, MODEL_FILES)
 
 
@@ -85,12 +87,12 @@ def from_hub(what: str, repo_id: str, hub: HubOptions | None, revision: str | No
                          f"Face hub failed: {type(error).__name__}: {str(error).splitlines()[0]}") from None
 
 
-def _resolve_dir(path: pathlib.Path, cache_root: pathlib.Path | None) -> pathlib.Path:
+def _resolve_dir(path: pathlib.Path, cache_root: pathlib.Path | None, quantized: bool = False) -> pathlib.Path:
     if (path / "config.json").is_file():
         return path
     gguf_files = sorted(path.glob("*.gguf"))
     if len(gguf_files) == 1:
-        return convert_gguf(gguf_files[0], cache_root)
+        return convert_gguf(gguf_files[0], cache_root, quantized)
     if len(gguf_files) > 1:
         names = ", ".join(f.name for f in gguf_files)
         raise ValueError(
