@@ -141,7 +141,7 @@ def _method(scheme: Scheme, prefix: str) -> LinearMethod:
     if w.get("type", "int") == "float":
         block = tuple(w.get("block_structure") or ()) or None
         return Fp8LinearMethod(prefix, w.get("strategy", "tensor"), block=block,
-                               static_activations=activations == "static")
+                               static_activations=activations == "static", block_scale_name="weight_scale")
     if scheme.format in ("int-quantized", "naive-quantized"):
         return Int8LinearMethod(prefix, weights=w.get("strategy", "tensor"), activations=activations)
     group_size = int(w.get("group_size") or -1) if w.get("strategy") == "group" else -1

@@ -73,8 +73,11 @@ class Fp8LinearMethod(LinearMethod):
     quantized = True
 
     def __init__(self, prefix: str, strategy: str, block: tuple[int, int] | None = None,
-                 static_activations: bool = False) -> None:
+                 static_activations: bool = False, block_scale_name: str = "weight_scale_inv") -> None:
+        """block_scale_name: vLLM's fp8 checkpoints call block scales weight_scale_inv, compressed-tensors
+        weight_scale."""
         self.prefix, self.strategy, self.block, self.static_activations = prefix, strategy, block, static_activations
+        self.block_scale_name = block_scale_name
 
     def create_weights(self, layer: LinearLayer, dtype: torch.dtype) -> None:
         n, k, shards = layer.local_output_size, layer.local_input_size, len(layer.output_sizes)
@@ -92,7 +95,7 @@ class Fp8LinearMethod(LinearMethod):
             cols = math.ceil(k / bk)
             # Each shard's blocks start at its own first row: one [ceil(rows/bn), cols] slice per shard.
             rows = max(math.ceil(size / bn) for size in layer.local_output_sizes)
-            layer.register_weight("weight_scale_inv", torch.empty(shards, rows, cols, dtype=torch.float32),
+            layer.register_weight(self.block_scale_name, torch.empty(shards, rows, cols, dtype=torch.float32),
                                   WeightDims(None, 1, per_shard=True, dtype_fixed=True))
             self._shard_rows = [math.ceil(size / bn) for size in layer.local_output_sizes]
         if self.static_activations:
@@ -100,14 +103,15 @@ class Fp8LinearMethod(LinearMethod):
                                   WeightDims(None, None, per_shard=True, dtype_fixed=True))
 
     def load_weight(self, layer: LinearLayer, name: str, tensor: torch.Tensor, shard: int | None, source: str) -> bool:
-        if name != "weight_scale_inv" or self.strategy != "block":
+        if name != self.block_scale_name or self.strategy != "block":
             return False
+        scales = getattr(layer, name)
         rows = self._shard_rows[shard or 0]
-        expected = (rows, layer.weight_scale_inv.shape[2])
+        expected = (rows, scales.shape[2])
         if tuple(tensor.shape) != expected:
             raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, expected {expected} "
                              f"(weight_block_size={list(self.block)})")
-        layer.weight_scale_inv.data[shard or 0, :rows].copy_(tensor)
+        scales.data[shard or 0, :rows].copy_(tensor)
         return True
 
     def process_weights_after_loading(self, layer: LinearLayer) -> None:
@@ -124,10 +128,11 @@ class Fp8LinearMethod(LinearMethod):
             scale = layer.weight_scale[:, 0]
         else:
             bn, bk = self.block
-            parts = [layer.weight_scale_inv[i, :rows].repeat_interleave(bn, 0)[:size]
+            block_scales = getattr(layer, self.block_scale_name)
+            parts = [block_scales[i, :rows].repeat_interleave(bn, 0)[:size]
                      for i, (rows, size) in enumerate(zip(self._shard_rows, sizes))]
             scale = torch.cat(parts)       # [N, ceil(K / bk)]: rows expanded, columns expanded per block of rows
-            del layer.weight_scale_inv
+            delattr(layer, self.block_scale_name)
         if not torch.isfinite(scale).all() or bool((scale <= 0).any()):
             raise ValueError(f"{self.prefix}: fp8 weight scales must be positive and finite")
         layer.row_scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)

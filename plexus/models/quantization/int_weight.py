@@ -91,6 +91,7 @@ class _Segment(nn.Module):
 
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """Float32 weight [n, k] (rows of it) in this segment's column order."""
+        rows = rows or slice(None)
         if self.kind == "int4pack":
             eye = torch.eye(self.k, dtype=torch.float32)
             return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_zeros).T[rows]
@@ -99,7 +100,6 @@ class _Segment(nn.Module):
             if self.correction is not None:
                 w += self.correction[:, None]
             return w[rows]
-        rows = rows or slice(None)
         q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
         return ((q.float() - z.repeat_interleave(self.group_size, 1)) * s.repeat_interleave(self.group_size, 1))
 
