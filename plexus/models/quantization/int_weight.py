@@ -6,14 +6,16 @@ column k (k // group_size, or a checkpoint's act-order `g_idx`), s the scales an
 (2^(bits-1) for symmetric schemes). Each format's method unpacks its tensors into that form (`IntWeight`),
 and one matmul serves them all:
 
-- 4 bits: torch's `_weight_int4pack_mm_for_cpu` (no full-precision weight is ever made; each group's
-  zero point folds into its float offset), when the layer's rows are a multiple of 16 and the group size
-  is 32/64/128/256 (a per-channel scale is repeated over groups of the largest of those that divides the
+- 4 bits: torch's `_weight_int4pack_mm_for_cpu` for bf16/fp16 steps of up to INT4PACK_MAX_ROWS tokens
+  (no full-precision weight is made; each group's zero point folds into its float offset), when the
+  layer's rows are a multiple of 16 and the group size is 32/64/128/256 (a per-channel scale is repeated over groups of the largest of those that divides the
   input). An act-order layer whose groups are not contiguous is run with its input columns permuted, so its
   groups become contiguous, per run of shards that share a permutation (q, k and v each have their own).
-- 8 bits per channel: `_weight_int8pack_mm` on q - 128 as int8, the zero point folded into a per-row
-  correction x.sum(-1) * s * (128 - z).
-- Anything else: the weight dequantized a block of rows at a time, never all at once."""
+- 8 bits per channel: `_weight_int8pack_mm` on q - 128 as int8 for steps of up to INT8PACK_MAX_ROWS tokens,
+  the zero point folded into a per-row correction x.sum(-1) * s * (128 - z).
+- Anything else (longer steps, where those kernels fall far behind a dense matmul, fp32, other layouts):
+  the weight dequantized a block of rows at a time, never all at once. A 4-bit layer keeps its values in
+  plain nibbles too for that (half a byte per weight more; the speed work may drop one of the two)."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
+# Longest steps the int4 / int8 kernels run (SmolLM2's matmuls, 2 cores, bf16: the int4 kernel takes 1.5 ms
+# at 64 rows against 0.5 ms dense plus ~1 ms to dequantize, 11.8 ms at 512 against 1.3 ms; in fp32 it is
+# 100x slower than dense, so fp32 always dequantizes).
+INT4PACK_MAX_ROWS = 64
+INT8PACK_MAX_ROWS = 16
 _DEQUANT_ROWS = 1024     # rows dequantized at a time on the fallback path
 
 
@@ -68,6 +75,7 @@ class _Segment(nn.Module):
             self.qweight = _param(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             # (q - z) * s = (q - 8) * s + (8 - z) * s: the kernel's form, [groups, n, 2]
             self.scales_zeros = _param(torch.stack([scales.T, ((8 - zeros) * scales).T], dim=-1).contiguous())
+            self.nibbles = _param((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())   # k even: low nibble
         elif bits == 8 and group_size == k:
             self.kind = "int8pack"
             self.qweight = _param((q.to(torch.int16) - 128).to(torch.int8))
@@ -93,8 +101,11 @@ class _Segment(nn.Module):
         """Float32 weight [n, k] (rows of it) in this segment's column order."""
         rows = rows or slice(None)
         if self.kind == "int4pack":
-            eye = torch.eye(self.k, dtype=torch.float32)
-            return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_zeros).T[rows]
+            packed = self.nibbles[rows]
+            q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], self.k)
+            scale, offset = self.scales_zeros[:, rows].unbind(-1)     # [groups, r] each
+            return ((q.float() - 8) * scale.T.repeat_interleave(self.group_size, 1)
+                    + offset.T.repeat_interleave(self.group_size, 1))
         if self.kind == "int8pack":
             w = self.qweight.float() * self.scales[:, None]
             if self.correction is not None:
@@ -106,10 +117,11 @@ class _Segment(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        if self.kind == "int4pack":
+        rows = x.shape[0]
+        if self.kind == "int4pack" and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT4PACK_MAX_ROWS:
             return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                      self._for("scales_zeros", x.dtype))
-        if self.kind == "int8pack":
+        if self.kind == "int8pack" and rows <= INT8PACK_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._for("scales", x.dtype))
             if self.correction is not None:
                 y = y + x.sum(dim=-1, keepdim=True) * self._for("correction", x.dtype)
