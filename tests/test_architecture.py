@@ -10,6 +10,7 @@ Each module belongs to one part; an arrow says what a part may import:
     platforms/X  one device package (cpu, neuron, ...) -> worker, models, core, platforms
     worker       -> models, core, platforms
     models       -> nothing above it
+    quantize     the offline quantizer (`plexus quantize`) -> model_files, envs, logger only
     model_files, envs, logger: leaves that anyone may import
 
 Imports under ``if TYPE_CHECKING:`` never run and are not counted; imports inside
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 PLEXUS = Path(__file__).parent.parent / "plexus"
-NAMED_PARTS = {"core", "models", "worker", "entrypoints", "model_files", "envs", "logger"}
+NAMED_PARTS = {"core", "models", "worker", "entrypoints", "model_files", "envs", "logger", "quantize"}
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ RULES: dict[str, tuple[str, Callable[[str], bool], Callable[[str], bool]]] = {
     "worker": ("worker imports a device package or entrypoints", lambda s: s == "worker",
                lambda d: is_device(d) or d == "entrypoints"),
     "devices": ("a device package imports another device package", is_device, is_device),
+    "quantize": ("quantize imports core, models, worker, entrypoints, platforms or api", lambda s: s == "quantize",
+                 lambda d: d.startswith("platforms") or d in {"core", "models", "worker", "entrypoints", "api"}),
 }
 
 
@@ -198,6 +201,10 @@ def test_device_packages_do_not_import_each_other():
     assert_none(rule_violations(PLEXUS, "devices"))
 
 
+def test_quantizer_imports_only_model_files_envs_and_logger():
+    assert_none(rule_violations(PLEXUS, "quantize"))
+
+
 def test_no_import_circle_between_parts():
     assert_none(cycle_violations(PLEXUS))
 
@@ -244,6 +251,8 @@ def test_clean_tree_has_no_violations(tmp_path):
     ("devices", {"platforms/neuron/bad.py": "from plexus.platforms.cpu import ops", "platforms/cpu/ops.py": ""},
      "plexus/platforms/neuron/bad.py:1: plexus.platforms.neuron.bad -> plexus.platforms.cpu.ops "
      "(platforms/neuron -> platforms/cpu)"),
+    ("quantize", {"quantize/bad.py": "from plexus.core.config import EngineArgs", "core/config.py": ""},
+     "plexus/quantize/bad.py:1: plexus.quantize.bad -> plexus.core.config.EngineArgs (quantize -> core)"),
 ])
 def test_planted_violation_is_reported(tmp_path, rule, files, expected):
     root = make_tree(tmp_path, files)

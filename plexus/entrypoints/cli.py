@@ -57,6 +57,28 @@ def _neuron_buckets(args: argparse.Namespace) -> int:
     return 0
 
 
+def quantize_config(args: argparse.Namespace):
+    """The QuantizeConfig of parsed `plexus quantize` flags; every setting is checked here, before the
+    model loads, so a bad combination fails at once."""
+    from plexus.quantize import QuantizeConfig
+
+    sym = args.sym if args.sym is not None else args.format != "awq"     # AutoAWQ's layout has zero points
+    settings = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "sym": sym,
+                "act_order": args.act_order, "format": args.format, "dtype": args.dtype,
+                "num_samples": args.num_samples, "seq_len": args.seq_len}
+    if args.calibration is not None:
+        settings["calibration"] = args.calibration
+    return QuantizeConfig(**settings)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from plexus.quantize import quantize
+
+    quantized = quantize(args.model, quantize_config(args), args.out)
+    print(f"wrote {args.out} ({len(quantized)} quantized linears, {args.format} format)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -100,6 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--token-gen-buckets", default=None,
                     help="current token-gen buckets, e.g. 128,512 (default $NEURON_TOKEN_GEN_BUCKETS)")
     nb.set_defaults(func=_neuron_buckets)
+
+    from plexus.quantize.config import DTYPES, FORMATS, METHODS
+
+    qz = sub.add_parser("quantize", help="quantize a model's weights (RTN, GPTQ, AWQ) into a checkpoint",
+                        description="Weight-only integer quantization of the decoder linears, calibrated on a "
+                                    "text file, written as a compressed-tensors, GPTQ or AWQ checkpoint "
+                                    "directory (embeddings, norms and lm_head stay unquantized).")
+    qz.add_argument("model", nargs="?", default=None,
+                    help="HF model directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    qz.add_argument("--method", choices=METHODS, default="gptq")
+    qz.add_argument("--bits", type=int, default=4, help="4 or 8 (the awq format: 4)")
+    qz.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one per row")
+    qz.add_argument("--act-order", action="store_true",
+                    help="GPTQ: quantize columns by descending Hessian diagonal (gptq format: desc_act, groups "
+                         "recorded in g_idx; compressed-tensors: actorder 'weight', groups in column order)")
+    sym = qz.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric, no zero point (default, but for --format awq)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric, integer zero points")
+    qz.add_argument("--format", choices=FORMATS, default="compressed-tensors")
+    qz.add_argument("--out", required=True, help="output model directory")
+    qz.add_argument("--calibration", default=None,
+                    help="calibration text file (default: a public-domain text shipped with plexus)")
+    qz.add_argument("--num-samples", type=int, default=24, help="calibration sequences (default 24)")
+    qz.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    qz.add_argument("--dtype", choices=DTYPES, default="auto",
+                    help="dtype of the unquantized tensors (auto: the model's; float16 for gptq/awq formats)")
+    qz.set_defaults(func=_quantize)
     return parser
 
 
