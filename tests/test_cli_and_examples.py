@@ -47,3 +47,14 @@ def test_neuron_int8_example_without_a_device_says_how_to_install_the_sdk(monkey
     with pytest.raises(RuntimeError, match=r"the Neuron platform needs the transformers-neuronx package.*"
                                            r"pip install --extra-index-url=https://pip.repos.neuron.amazonaws.com"):
         _run_neuron_example([], monkeypatch)
+
+
+def test_quantized_checkpoint_example_quantizes_serves_and_compares_perplexity(monkeypatch, capsys):
+    example = ROOT / "examples" / "offline_inference" / "quantized_checkpoint.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--method", "rtn", "--windows", "1"])
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.count("Prompt: ") == 2 and "Generated text: ''" not in out
+    line = next(line for line in out.splitlines() if line.startswith("perplexity: "))
+    original, quantized = (float(part.split()[-1]) for part in line.removeprefix("perplexity: ").split(", "))
+    assert original < quantized < 2 * original
