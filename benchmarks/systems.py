@@ -63,16 +63,17 @@ class PlexusSystem:
 
     per_request_timing = True
 
-    def __init__(self, model_dir: str, max_num_seqs: int) -> None:
+    def __init__(self, model_dir: str, max_num_seqs: int, dtype: str = "bfloat16", **engine_args: Any) -> None:
+        """engine_args: more LLM() arguments (quantization=..., for benchmarks/quantized.py)."""
         import torch
 
         from plexus import LLM
 
         torch.set_num_threads(NUM_THREADS)
-        self.llm = LLM(model=model_dir, dtype="bfloat16", max_num_seqs=max_num_seqs,
-                       enable_prefix_caching=False, seed=SEED)
-        self.settings = {"dtype": "bfloat16", "max_num_seqs": max_num_seqs, "enable_prefix_caching": False,
-                         "detokenize": False, "torch_threads": torch.get_num_threads()}
+        self.llm = LLM(model=model_dir, dtype=dtype, max_num_seqs=max_num_seqs,
+                       enable_prefix_caching=False, seed=SEED, **engine_args)
+        self.settings = {"dtype": dtype, "max_num_seqs": max_num_seqs, "enable_prefix_caching": False,
+                         "detokenize": False, "torch_threads": torch.get_num_threads(), **engine_args}
 
     def run(self, requests: Sequence[Request]) -> RunResult:
         from plexus import SamplingParams
