@@ -121,8 +121,11 @@ class _Segment(nn.Module):
         if self.kind == "int4pack" and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT4PACK_MAX_ROWS:
             return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                      self._for("scales_zeros", x.dtype))
-        if self.kind == "int8pack" and rows <= INT8PACK_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._for("scales", x.dtype))
+        if self.kind == "int8pack":
+            if rows <= INT8PACK_MAX_ROWS:
+                y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._for("scales", x.dtype))
+            else:   # int8 values are exact in bf16: one cast, the scales after the matmul
+                y = F.linear(x, self.qweight.to(x.dtype)) * self._for("scales", x.dtype)
             if self.correction is not None:
                 y = y + x.sum(dim=-1, keepdim=True) * self._for("correction", x.dtype)
             return y
