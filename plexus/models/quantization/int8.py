@@ -19,36 +19,37 @@ from plexus.models.quantization.base import QuantizationConfig
 from plexus.models.quantization.neuron_quant import NeuronQuantLinearMethod, quantize_weight
 
 
-def _on_load_only(name: str, hf_quant_config: dict | None) -> None:
-    if hf_quant_config:
-        raise ValueError(f"quantization={name!r} quantizes a full-precision checkpoint on load; this checkpoint is "
-                         f"already quantized with {hf_quant_config.get('quant_method')!r}")
+class _OnLoadConfig(QuantizationConfig):
+    """A method that quantizes a full-precision checkpoint's decoder matmuls as it loads them."""
+
+    @classmethod
+    def from_config(cls, hf_quant_config: dict | None, environ: Mapping[str, str]) -> QuantizationConfig:
+        if hf_quant_config:
+            raise ValueError(f"quantization={cls.name!r} quantizes a full-precision checkpoint on load; this "
+                             f"checkpoint is already quantized with {hf_quant_config.get('quant_method')!r}")
+        return cls()
+
+    def quantized_method(self, prefix: str) -> LinearMethod | None:
+        return self.decoder_method(prefix) if prefix.startswith("layers.") else None
+
+    def decoder_method(self, prefix: str) -> LinearMethod:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class Int8Config(QuantizationConfig):
+class Int8Config(_OnLoadConfig):
     name = "int8"
 
-    @classmethod
-    def from_config(cls, hf_quant_config: dict | None, environ: Mapping[str, str]) -> Int8Config:
-        _on_load_only(cls.name, hf_quant_config)
-        return cls()
-
-    def quantized_method(self, prefix: str) -> LinearMethod | None:
-        return NeuronQuantLinearMethod("s8") if prefix.startswith("layers.") else None
+    def decoder_method(self, prefix: str) -> LinearMethod:
+        return NeuronQuantLinearMethod("s8")
 
 
 @dataclass(frozen=True)
-class W8A8Config(QuantizationConfig):
+class W8A8Config(_OnLoadConfig):
     name = "w8a8"
 
-    @classmethod
-    def from_config(cls, hf_quant_config: dict | None, environ: Mapping[str, str]) -> W8A8Config:
-        _on_load_only(cls.name, hf_quant_config)
-        return cls()
-
-    def quantized_method(self, prefix: str) -> LinearMethod | None:
-        return Int8LinearMethod(prefix, weights="online", activations="dynamic") if prefix.startswith("layers.") else None
+    def decoder_method(self, prefix: str) -> LinearMethod:
+        return Int8LinearMethod(prefix, weights="online", activations="dynamic")
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
