@@ -14,10 +14,9 @@ from plexus.envs import VARIABLES, Environment
     ("swap_space", 8, "never swaps KV blocks"),
     ("cpu_offload_gb", 2, "weight offloading is not supported"),
     ("scheduling_policy", "lifo", "must be 'fcfs' or 'priority'"),
-    ("max_loras", 4, "enable_lora=True"),
-    ("max_lora_rank", 64, "enable_lora=True"),
-    ("max_cpu_loras", 8, "enable_lora=True"),
-    ("enable_lora", True, "LoRA adapters are not supported yet"),
+    ("enable_lora_bias", True, "bias on lora_B"),
+    ("fully_sharded_loras", True, "not sharded across tensor-parallel ranks"),
+    ("qlora_adapter_name_or_path", "some/adapter", "needs quantization='bitsandbytes'"),
     ("pipeline_parallel_size", 2, "pipeline parallelism is not supported"),
     ("tokenizer_mode", "mistral", "allowed: auto, slow"),
     ("override_neuron_config", {"cast_logits_dtype": "bfloat16"}, "applies to device='neuron' only"),
@@ -40,6 +39,8 @@ def test_every_engine_args_field_is_honoured_or_refused():
         "num_gpu_blocks_override", "enforce_eager", "compilation_config", "max_seq_len_to_capture",
         "disable_log_stats", "max_logprobs", "served_model_name", "generation_config",
         "disable_custom_all_reduce", "revision", "tokenizer_revision", "download_dir", "scheduling_policy",
+        # LoRA (test_lora.py, test_lora_errors.py)
+        "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "qlora_adapter_name_or_path",
     }
     assert {f.name for f in dataclasses.fields(EngineArgs)} == refused | honoured
 

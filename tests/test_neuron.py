@@ -384,3 +384,9 @@ def test_override_neuron_config_from_the_command_line():
     assert engine_args.override_neuron_config == {"backend": "cpu-reference", "cast_logits_dtype": "bfloat16"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--override-neuron-config", "{backend: x}"])
+
+
+def test_enable_lora_on_neuron_is_refused_naming_the_platform():
+    with pytest.raises(ValueError, match=r"enable_lora=True: the neuron platform does not serve LoRA adapters; the "
+                                         r"cpu platform does"):
+        _config(enable_lora=True)

@@ -13,9 +13,12 @@ import torch
 
 import plexus.model_files as model_files
 from plexus.core.config import (
-    DTYPES, CacheConfig, CompilationConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig)
+    DTYPES, CacheConfig, CompilationConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig)
 from plexus.envs import Environment
 from plexus.model_files.hf_config import quantization_method
+
+# vLLM's allowed max_lora_rank values.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -64,6 +67,10 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    enable_lora_bias: bool = False
+    fully_sharded_loras: bool = False
+    qlora_adapter_name_or_path: str | None = None
     override_neuron_config: dict | None = None
 
     @classmethod
@@ -135,11 +142,18 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
                              f"platform supports ({platform.max_tensor_parallel_size()})")
         generation_config = model_files.load_generation_config(model_dir) if self.generation_config == "auto" else {}
+        model_dtype = _parse_dtype(self.dtype, hf_config)
+        lora = self._lora_config(platform)
+        if self.qlora_adapter_name_or_path:
+            if quantization != "bitsandbytes":
+                raise ValueError(f"qlora_adapter_name_or_path quantizes the base with bitsandbytes as the QLoRA "
+                                 f"adapter was trained; it needs quantization='bitsandbytes', got {quantization!r}")
+            extra["qlora_target_modules"] = _qlora_target_modules(self.qlora_adapter_name_or_path, hub)
         config = EngineConfig(
             model=ModelConfig(
                 model=self.model, model_dir=model_dir, tokenizer=self.tokenizer,
                 skip_tokenizer_init=self.skip_tokenizer_init, hf_config=hf_config,
-                dtype=_parse_dtype(self.dtype, hf_config), max_model_len=max_model_len,
+                dtype=model_dtype, max_model_len=max_model_len,
                 seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
                 generation_config=generation_config,
                 served_model_name=self.served_model_name or self.model or model_files.BUNDLED_MODEL_NAME,
@@ -155,15 +169,30 @@ class EngineArgs:
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len,
-                policy=self.scheduling_policy),
+                policy=self.scheduling_policy, max_loras=lora.max_loras if lora else 0),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             platform=platform, quantization=quantization, enforce_eager=self.enforce_eager,
             compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs,
                                                 self.max_seq_len_to_capture),
-            env=env, extra=extra,
+            env=env, extra=extra, lora=lora,
         )
         platform.check_and_update_config(config)
         return config
+
+    def _lora_config(self, platform) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        if not platform.supports_lora:
+            raise ValueError(f"enable_lora=True: the {platform.name} platform does not serve LoRA adapters; "
+                             "the cpu platform does")
+        if self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora=True with tensor_parallel_size > 1 is not supported yet: LoRA weights are "
+                             "not sharded across ranks")
+        dtype = self.lora_dtype      # "auto": the model's dtype, once the platform has settled it
+        if not isinstance(dtype, torch.dtype):
+            dtype = None if dtype == "auto" else DTYPES[dtype]
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras or self.max_loras, lora_dtype=dtype)
 
     def _quantization(self, hf_config: PretrainedConfig) -> str | None:
         """The user's quantization=, else the method the checkpoint's quantization_config names."""
@@ -192,10 +221,8 @@ class EngineArgs:
     _UNSUPPORTED = {
         "swap_space": "plexus preempts by recomputing and never swaps KV blocks to host memory",
         "cpu_offload_gb": "plexus keeps every weight on the device; weight offloading is not supported",
-        "max_loras": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
-        "max_lora_rank": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
-        "max_cpu_loras": "it is used with enable_lora=True, and LoRA adapters are not supported yet",
-        "enable_lora": "LoRA adapters are not supported yet",
+        "enable_lora_bias": "LoRA adapters with a bias on lora_B (PEFT's lora_bias) are not supported",
+        "fully_sharded_loras": "LoRA weights are not sharded across tensor-parallel ranks",
         "pipeline_parallel_size": "pipeline parallelism is not supported",
     }
 
@@ -240,7 +267,39 @@ class EngineArgs:
              f"load_format must be one of auto, safetensors, gguf, bitsandbytes; got {self.load_format!r}")
         need(self.generation_config in ("auto", "vllm"),
              f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
+        need(isinstance(self.max_loras, int) and self.max_loras >= 1,
+             f"max_loras must be a positive integer, got {self.max_loras!r}")
+        need(self.max_lora_rank in LORA_RANKS,
+             f"max_lora_rank must be one of {', '.join(map(str, LORA_RANKS))}; got {self.max_lora_rank!r}")
+        need(self.max_cpu_loras is None or isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= self.max_loras,
+             f"max_cpu_loras ({self.max_cpu_loras!r}) must be at least max_loras ({self.max_loras!r})")
+        need(isinstance(self.lora_dtype, torch.dtype) or self.lora_dtype == "auto" or self.lora_dtype in DTYPES,
+             f"lora_dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {self.lora_dtype!r}")
         need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
+
+
+def _qlora_target_modules(path: str, hub: model_files.HubOptions) -> list[str]:
+    """The module kinds a QLoRA adapter was trained on (its adapter_config.json target_modules): what vLLM's
+    bitsandbytes loader quantizes when qlora_adapter_name_or_path is set."""
+    import json
+
+    from plexus.core.lora.adapter import ADAPTER_FILES
+
+    local = Path(path).expanduser()
+    try:
+        directory = local if local.is_dir() else model_files.from_hub("QLoRA adapter", path, hub, None, ADAPTER_FILES)
+    except ValueError as error:
+        raise ValueError(f"qlora_adapter_name_or_path={path!r}: {error}") from None
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"qlora_adapter_name_or_path={path!r}: could not read adapter_config.json: {error}") from None
+    targets = config.get("target_modules") if isinstance(config, dict) else None
+    if isinstance(targets, str):
+        targets = [targets] if targets != "all-linear" else []
+    if not isinstance(targets, list):
+        raise ValueError(f"qlora_adapter_name_or_path={path!r}: adapter_config.json has no target_modules list")
+    return [str(t).rpartition(".")[2] for t in targets]
 
 
 def _json_arg(text: str) -> Any:

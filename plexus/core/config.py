@@ -90,6 +90,16 @@ class SchedulerConfig:
     # bucket: (limit, the setting that sets it). None: max_model_len is the only limit.
     max_prompt_len: tuple[int, str] | None = None
     max_seq_len: tuple[int, str] | None = None
+    max_loras: int = 0           # distinct LoRA adapters in one step (0: LoRA is off)
+
+
+@dataclass
+class LoRAConfig:
+    """enable_lora=True: adapters in max_loras device slots of rank max_lora_rank, max_cpu_loras in host memory."""
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+    lora_dtype: torch.dtype | None     # None: the model's dtype
 
 
 @dataclass
@@ -147,5 +157,6 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     env: Environment = field(default_factory=Environment.read)   # every environment variable, read once
     extra: dict = field(default_factory=dict)   # platform-specific settings (e.g. override_neuron_config)
+    lora: LoRAConfig | None = None   # None: LoRA is off
 
 

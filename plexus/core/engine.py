@@ -14,6 +14,8 @@ from plexus.core.detokenizer import IncrementalDetokenizer
 from plexus.core.executor import Executor
 from plexus.core.input_processor import InputProcessor
 from plexus.core.kv_cache import KVCacheManager
+from plexus.core.lora.manager import LoRAManager
+from plexus.core.lora.request import LoRARequest
 from plexus.core.output_processor import OutputProcessor, RequestState, SequenceState
 from plexus.core.outputs import RequestOutput
 from plexus.core.request import Request, RequestStatus
@@ -21,6 +23,7 @@ from plexus.core.sampler import uses_history
 from plexus.core.sampling_params import SamplingParams
 from plexus.core.scheduler import Scheduler, SchedulerOutput
 from plexus.core.step import SequenceStep, StepInput, StepOutput, TokenLogprobs
+from plexus.model_files import HubOptions
 
 logger = logging.getLogger("plexus")
 
@@ -57,6 +60,10 @@ class LLMEngine:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = frozenset(eos)
         self._states: dict[str, RequestState] = {}
+        self.lora: LoRAManager | None = None
+        if config.lora is not None:
+            hub = HubOptions(cache_dir=config.env.hub_cache_dir, offline=config.env.hub_offline)
+            self.lora = LoRAManager(config.lora, self.executor.lora_targets(), hub)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **kwargs: Any) -> LLMEngine:
@@ -87,10 +94,10 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__} "
                             "(pooling requests are not supported)")
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported yet")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an integer, got {priority!r}")
+        if lora_request is not None:
+            self._check_lora_request(lora_request)
         processed = self.inputs.process(prompt, params)
         prompt_ids, max_tokens = processed.prompt_token_ids, processed.max_tokens
         needed = self.kv_cache.blocks_needed(len(prompt_ids) + max_tokens - 1)
@@ -100,6 +107,10 @@ class LLMEngine:
                 f"{max_tokens} new tokens) but the cache has {self.kv_cache.num_blocks}; lower max_tokens or "
                 "raise kv_cache_space / gpu_memory_utilization")
 
+        lora_cache_key = None
+        if lora_request is not None:
+            self.lora.register(lora_request)     # a new adapter is read and checked here
+            lora_cache_key = self.lora.cache_key(lora_request.lora_int_id)
         state = RequestState(request_id, processed.prompt, prompt_ids, params, lora_request=lora_request)
         arrival = time.time() if arrival_time is None else arrival_time
         candidates = params.best_of or params.n
@@ -112,7 +123,8 @@ class LLMEngine:
                 request_id=request_id if candidates == 1 else f"{request_id}#{index}", parent_id=request_id,
                 prompt_token_ids=prompt_ids, sampling_params=child_params, max_tokens=max_tokens,
                 eos_token_ids=self.eos_token_ids, seed=None if params.seed is None else params.seed + index,
-                arrival_time=arrival, priority=priority, bad_words_token_ids=processed.bad_words_token_ids)
+                arrival_time=arrival, priority=priority, bad_words_token_ids=processed.bad_words_token_ids,
+                lora_request=lora_request, lora_cache_key=lora_cache_key)
             stop_strings = None
             if self.tokenizer is not None and params.detokenize:
                 detokenizer = IncrementalDetokenizer(
@@ -125,6 +137,34 @@ class LLMEngine:
         self._states[request_id] = state
         for seq in state.sequences:
             self.scheduler.add(seq.request)
+
+    def _check_lora_request(self, lora_request: Any) -> None:
+        if self.lora is None:
+            name = getattr(lora_request, "lora_name", lora_request)
+            raise ValueError(f"lora_request {name!r} given but LoRA is not enabled; create the engine with "
+                             "enable_lora=True")
+        self.lora.check_request(lora_request)
+
+    # ------------------------------------------------------------------ LoRA adapters (vLLM's names)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read and check an adapter and keep it in host memory (max_cpu_loras, least recently used evicted
+        first). True if it was not loaded yet. Raises ValueError naming what is wrong with it."""
+        self._check_lora_request(lora_request)
+        return self.lora.add(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.lora is not None and self.lora.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """The lora_int_ids of the adapters held in host memory."""
+        return set() if self.lora is None else self.lora.list()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep an adapter in host memory (never evicted) and prefer keeping it in its device slot."""
+        if self.lora is None:
+            raise ValueError("pin_lora: LoRA is not enabled; create the engine with enable_lora=True")
+        return self.lora.pin(lora_id)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -151,12 +191,22 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        step_input = self._step_input(scheduled)
+        step_input = self._step_input(scheduled, self._lora_slots(scheduled))
+        if not step_input.sequences:        # every request of the step failed to get its adapter
+            result = StepOutput()
+        else:
+            result = self._execute(step_input)
+        self.scheduler.update_after_step(scheduled)
+        return self._process_step(scheduled, result)
+
+    def _execute(self, step_input: StepInput) -> StepOutput:
         try:
             result = self.executor.execute_model(step_input)
         except Exception as error:  # noqa: BLE001  (one request must not take the others down)
             result = self._isolate_failures(step_input, error)
-        self.scheduler.update_after_step(scheduled)
+        return result
+
+    def _process_step(self, scheduled: SchedulerOutput, result: StepOutput) -> list[RequestOutput]:
         now = time.time()
 
         progressed: dict[str, RequestState] = {}
@@ -191,11 +241,28 @@ class LLMEngine:
             self._stats.record(scheduled, sum(len(t) for t in result.sampled.values()), now, self.scheduler)
         return outputs
 
-    def _step_input(self, scheduled: SchedulerOutput) -> StepInput:
+    def _lora_slots(self, scheduled: SchedulerOutput) -> tuple[dict[int, int], dict]:
+        """Device slots for the step's adapters (adapter id -> slot) and the slots to fill. A request whose
+        adapter can no longer be read (its files changed or went away) fails alone."""
+        if self.lora is None:
+            return {}, {}
+        requests = {s.request.lora_id: s.request.lora_request for s in scheduled.scheduled if s.request.lora_id}
+        if not requests:
+            return {}, {}
+        slot_of, loads, failed = self.lora.assign_slots(set(requests), requests)
+        for s in scheduled.scheduled:
+            if s.request.lora_id in failed:
+                self._fail(s.request, failed[s.request.lora_id])
+        return slot_of, loads
+
+    def _step_input(self, scheduled: SchedulerOutput, lora: tuple[dict[int, int], dict] = ({}, {})) -> StepInput:
         """The step as plain data (core/step.py): what the model side needs, nothing live."""
+        slot_of, loads = lora
         sequences = []
         for s in scheduled.scheduled:
             r = s.request
+            if r.is_finished:
+                continue
             params = r.sampling_params
             history = uses_history(params)
             scoring_prompt = params.prompt_logprobs is not None and s.start < r.num_prompt_tokens
@@ -207,8 +274,9 @@ class LLMEngine:
                 bad_words_token_ids=r.bad_words_token_ids,
                 prompt_token_ids=r.prompt_token_ids if history or scoring_prompt else None,
                 output_token_ids=r.output_token_ids if history else None,
-                prompt_logprobs_from=len(r.prompt_logprobs) if r.prompt_logprobs else 1))
-        return StepInput(sequences)
+                prompt_logprobs_from=len(r.prompt_logprobs) if r.prompt_logprobs else 1,
+                lora_slot=slot_of.get(r.lora_id, -1)))
+        return StepInput(sequences, lora_loads=loads)
 
     def _isolate_failures(self, step: StepInput, error: Exception) -> StepOutput:
         """The step raised: run each sequence's part alone, so the ones that fail on their own finish with
@@ -218,7 +286,7 @@ class LLMEngine:
         result = StepOutput()
         for seq in step.sequences:
             try:
-                alone = self.executor.execute_model(StepInput([seq]))
+                alone = self.executor.execute_model(StepInput([seq], lora_loads=step.lora_loads))
             except Exception as seq_error:  # noqa: BLE001
                 request = next(r for r in self.scheduler.running if r.request_id == seq.request_id)
                 self._fail(request, seq_error)

@@ -16,6 +16,10 @@ class Executor:
     def execute_model(self, step: StepInput) -> StepOutput:
         return self.worker.execute_model(step)
 
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        """What a LoRA adapter may target: module name -> (in_features, out_features)."""
+        return self.worker.lora_targets()
+
 
 def destroy_model_parallel() -> None:
     """Tear down the tensor-parallel groups (vLLM's name); plexus's are the default process group's."""

@@ -35,11 +35,13 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def update_block_hashes(self, request: Request) -> None:
-        """Extend request.block_hashes over every full block of its tokens."""
+        """Extend request.block_hashes over every full block of its tokens. The chain starts from the request's
+        LoRA adapter (its cache key), so blocks computed under different adapters never match."""
         bs = self.block_size
         hashes = request.block_hashes
+        root = None if request.lora_cache_key is None else hash(("lora", request.lora_cache_key))
         for i in range(len(hashes), request.num_tokens // bs):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else root
             hashes.append(hash_block(parent, tuple(request.token_ids[i * bs:(i + 1) * bs])))
 
     def find_cached_prefix(self, request: Request) -> list[int]:

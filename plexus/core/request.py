@@ -43,6 +43,8 @@ class Request:
     priority: int = 0                     # lower runs first under scheduling_policy="priority"
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     parent_id: str = ""                  # the user's request id (children of n > 1 share it)
+    lora_request: object = None          # its LoRARequest, or None
+    lora_cache_key: int | None = None    # keys its prefix-cache blocks apart from other adapters' (LoRAManager)
     arrival_time: float = field(default_factory=time.time)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -80,6 +82,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's lora_int_id, 0 for none."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def wants_prompt_logprobs(self) -> bool:

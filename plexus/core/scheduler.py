@@ -4,7 +4,9 @@ their prompt), then waiting ones. Prefill and decode share one step. When
 blocks run out a running request is preempted and later recomputed: the
 newest under scheduling_policy="fcfs", the lowest-priority (highest value,
 then newest) under "priority", where the waiting queue is also ordered by
-priority."""
+priority. With LoRA, the running requests never use more than max_loras distinct
+adapters; a waiting request whose adapter would exceed that is passed over
+(keeping its place) until one of those adapters has no running request."""
 from __future__ import annotations
 
 import bisect
@@ -119,9 +121,16 @@ class Scheduler:
                 budget -= num_tokens
                 i += 1
 
-        # A step that had to preempt admits nobody new: the pool is full.
+        # A step that had to preempt admits nobody new: the pool is full. A request whose LoRA adapter would be
+        # one more than max_loras distinct adapters among the running waits (its place kept) for one to finish.
+        max_loras = self.config.max_loras
+        loras = {r.lora_id for r in self.running if r.lora_id} if max_loras else set()
+        passed_over: list[Request] = []
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.lora_id and request.lora_id not in loras and len(loras) >= max_loras:
+                passed_over.append(self.waiting.popleft())
+                continue
             cached = self.kv_cache.find_cached_prefix(request)
             num_cached = len(cached) * self.kv_cache.block_size
             num_tokens = request.num_tokens - request.num_computed_tokens - num_cached
@@ -141,6 +150,10 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_tokens))
             budget -= num_tokens
+            if request.lora_id:
+                loras.add(request.lora_id)
+        for request in reversed(passed_over):
+            self.waiting.appendleft(request)
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:

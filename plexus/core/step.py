@@ -34,6 +34,7 @@ class SequenceStep:
     output_token_ids: list[int] | None = None
     # Prompt logprobs: the first prompt position whose logprob is still to be reported (0 has none).
     prompt_logprobs_from: int = 1
+    lora_slot: int = -1                  # the device slot of its LoRA adapter; -1: none
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +44,9 @@ class SequenceStep:
 @dataclass
 class StepInput:
     sequences: list[SequenceStep]
+    # LoRA slots to fill before the step runs: slot -> the adapter's weights (core/lora/adapter.LoRAWeights,
+    # plain tensors), or None to empty it.
+    lora_loads: dict = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -38,7 +38,9 @@ def beam_search_score(tokens: list[int], cumulative_logprob: float, eos_token_id
     return cumulative_logprob / (max(seq_len, 1) ** length_penalty)
 
 
-def run_beam_search(llm, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+def run_beam_search(llm, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False,
+                    lora_request: Any = None) -> list[BeamSearchOutput]:
+    """lora_request: one LoRARequest (or None) for every prompt, or a list with one per prompt."""
     if not isinstance(params, BeamSearchParams):
         raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
     engine = llm.llm_engine
@@ -53,16 +55,19 @@ def run_beam_search(llm, prompts: Any, params: BeamSearchParams, use_tqdm: bool 
     width = params.beam_width
     step_params = SamplingParams(logprobs=2 * width, max_tokens=1, temperature=params.temperature,
                                  ignore_eos=params.ignore_eos, detokenize=False)
+    loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+    if len(loras) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(loras)} lora_requests; pass one or one per prompt")
     instances = []
-    for prompt in prompts:
+    for prompt, lora in zip(prompts, loras):
         _, ids = engine.inputs.tokenize(prompt)      # validated as any prompt is
-        instances.append(([BeamSearchSequence(tokens=ids)], []))   # (live beams, completed)
+        instances.append(([BeamSearchSequence(tokens=ids, lora_request=lora)], []))   # (live beams, completed)
     for _ in range(params.max_tokens):
         live = [beam for beams, _ in instances for beam in beams]
         if not live:
             break
         outputs = llm.generate([{"prompt_token_ids": beam.tokens} for beam in live], step_params,
-                               use_tqdm=use_tqdm)
+                               use_tqdm=use_tqdm, lora_request=[beam.lora_request for beam in live])
         results = iter(outputs)
         for index, (beams, completed) in enumerate(instances):
             candidates = []
@@ -70,7 +75,8 @@ def run_beam_search(llm, prompts: Any, params: BeamSearchParams, use_tqdm: bool 
                 logprobs = next(results).outputs[0].logprobs[0]
                 for token, logprob in logprobs.items():
                     new = BeamSearchSequence(tokens=beam.tokens + [token], logprobs=beam.logprobs + [logprobs],
-                                             cum_logprob=beam.cum_logprob + logprob.logprob)
+                                             cum_logprob=beam.cum_logprob + logprob.logprob,
+                                             lora_request=beam.lora_request)
                     if token == eos and not params.ignore_eos:
                         new.finish_reason, new.stop_reason = "stop", None
                         completed.append(new)

@@ -73,6 +73,9 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities; pass one per prompt")
         lora_list = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(lora_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(lora_list)} lora_requests; pass one LoRARequest "
+                             "(or None) for all prompts, or one per prompt")
         return self._run(prompts, params_list, lora_list, use_tqdm, priority or [0] * len(prompts))
 
     def _params_per_prompt(self, sampling_params: Any, n: int) -> list[SamplingParams]:
@@ -123,9 +126,7 @@ class LLM:
         length-penalized cumulative logprob."""
         from plexus.entrypoints.beam_search import run_beam_search
 
-        if lora_request is not None:
-            raise ValueError("lora_request: LoRA adapters are not supported yet")
-        return run_beam_search(self, prompts, params, use_tqdm)
+        return run_beam_search(self, prompts, params, use_tqdm, lora_request=lora_request)
 
     def _run(self, prompts: list, params_list: list[SamplingParams], lora_list: list,
              use_tqdm: bool, priorities: list[int] | None = None) -> list[RequestOutput]:

@@ -2,7 +2,8 @@
 directories) and what config.json and generation_config.json say. Plain file handling, no torch modules:
 the engine's configuration step and the model loader both read it."""
 from plexus.model_files.hf_config import checkpoint_dtype, load_config, load_generation_config
-from plexus.model_files.resolve import BUNDLED_MODEL_NAME, HubOptions, resolve_model_dir, resolve_tokenizer_dir
+from plexus.model_files.resolve import (
+    BUNDLED_MODEL_NAME, HubOptions, from_hub, resolve_model_dir, resolve_tokenizer_dir)
 
-__all__ = ["BUNDLED_MODEL_NAME", "HubOptions", "checkpoint_dtype", "load_config", "load_generation_config",
+__all__ = ["BUNDLED_MODEL_NAME", "HubOptions", "checkpoint_dtype", "from_hub", "load_config", "load_generation_config",
            "resolve_model_dir", "resolve_tokenizer_dir"]

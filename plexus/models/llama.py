@@ -125,6 +125,7 @@ class LlamaForCausalLM(nn.Module):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rotary = RotaryEmbedding(cfg, head_dim, max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_delta = None      # an additive per-token term on the embeddings (LoRA), as LinearLayer.delta
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend, build, f"layers.{i}")
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
@@ -138,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
         traces for compiled decode graphs); otherwise a decode-only step may run as the platform's one fused
         call (ModelOps.decode_layers)."""
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        if self.embed_delta is not None:
+            hidden = hidden + self.embed_delta(input_ids).to(hidden.dtype)
         if fused and not meta.prefills:
             out = self.ops.decode_layers(self, hidden, positions, kv_caches, meta)
             if out is not None:
@@ -149,6 +152,18 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # In the model dtype, as HF computes them; the sampler reads them in fp32.
         return self.lm_head(hidden)  # [N, vocab]
+
+    def lora_modules(self) -> dict[str, tuple[nn.Module, int | str]]:
+        """What a LoRA adapter may target, by the checkpoint's module names: name -> (LinearLayer, shard) or
+        (the embedding, "embedding")."""
+        out: dict[str, tuple[nn.Module, int | str]] = {"embed_tokens": (self.embed_tokens, "embedding")}
+        for prefix, module in self.named_modules():
+            if not isinstance(module, LinearLayer):
+                continue
+            parent, _, name = prefix.rpartition(".")
+            for shard, shard_name in enumerate(_SHARDS.get(name, (name,))):
+                out[f"{parent}.{shard_name}" if parent else shard_name] = (module, shard)
+        return out
 
     def linear_layers(self) -> list[LinearLayer]:
         return [m for m in self.modules() if isinstance(m, LinearLayer)]

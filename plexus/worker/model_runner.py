@@ -23,7 +23,9 @@ def _token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 
 class ModelRunner:
     def __init__(self, config, model, kv_caches: list[torch.Tensor], device: torch.device, scratch_block: int,
-                 attn_backend: type) -> None:
+                 attn_backend: type, lora=None) -> None:
+        """lora: the model's LoRA slots (plexus.models.lora.LoRAModel) when enable_lora=True."""
+        self.lora = lora
         self.config = config
         self.model = model
         self.kv_caches = kv_caches
@@ -53,7 +55,12 @@ class ModelRunner:
             block_ids=[s.block_ids for s in seqs], block_size=self.block_size, device=self.device,
             use_decode_kernel=self.use_decode_kernel)
         input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        bucket = self.compiled.bucket_for(meta) if self.compiled is not None else None
+        if self.lora is not None:
+            for slot, weights in step.lora_loads.items():
+                self.lora.load(slot, weights)
+            self.lora.set_tokens([s.lora_slot for s in seqs for _ in range(s.num_tokens)])
+        bucket = (self.compiled.bucket_for(meta) if self.compiled is not None
+                  and not (self.lora is not None and self.lora.attached) else None)
         if bucket is not None:
             hidden = self.compiled(input_ids_t, meta, bucket)
         else:
@@ -71,6 +78,8 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sampling.append(s)
         if sampling:
+            if self.lora is not None and self.lora.attached:
+                self.lora.set_rows([s.lora_slot for s in sampling])
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             result.sampled = sample_sequences(self.sampler, sampling, logits, self.generator)
         return result
@@ -81,6 +90,8 @@ class ModelRunner:
         last = min(s.start + hidden.shape[0], s.num_prompt_tokens - 1)       # exclusive
         if last <= first:
             return
+        if self.lora is not None and self.lora.attached:
+            self.lora.set_rows([s.lora_slot] * (last - first))
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[first - s.start:last - s.start]), dim=-1,
                                      dtype=torch.float32)
         targets = torch.tensor(s.prompt_token_ids[first + 1:last + 1], device=logprobs.device)

@@ -48,10 +48,16 @@ def quant_config_for(config):
     check_and_update_config too, so a bad setting (NEURON_QUANT_DTYPE=int4) fails before anything loads."""
     if config.quantization is None:
         return None
+    import dataclasses
+
     from plexus.models.quantization import make_quant_config
 
-    return make_quant_config(config.quantization, config.env.variables(),
-                             getattr(config.model.hf_config, "quantization_config", None))
+    quant = make_quant_config(config.quantization, config.env.variables(),
+                              getattr(config.model.hf_config, "quantization_config", None))
+    targets = config.extra.get("qlora_target_modules")
+    if targets and hasattr(quant, "target_modules"):
+        quant = dataclasses.replace(quant, target_modules=tuple(targets))
+    return quant
 
 
 def kv_bytes_per_block(config) -> int:
@@ -77,8 +83,14 @@ class Worker:
         # block, never handed to the block manager, is scratch for padding rows of compiled graphs.
         shape = (2, self.num_blocks + 1, config.cache.block_size, m.num_kv_heads, m.head_dim)
         self.kv_caches = [platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
+        self.lora = None
+        if config.lora is not None:
+            from plexus.models.lora import LoRAModel
+
+            self.lora = LoRAModel(self.model, config.lora.max_loras, config.lora.max_lora_rank,
+                                  config.lora.lora_dtype or m.dtype, self.device)
         self.runner = ModelRunner(config, self.model, self.kv_caches, self.device, scratch_block=self.num_blocks,
-                                  attn_backend=attn_backend)
+                                  attn_backend=attn_backend, lora=self.lora)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, config.cache.block_size,
                     self.num_blocks * config.cache.block_size)
 
@@ -96,3 +108,8 @@ class Worker:
 
     def execute_model(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
+
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled on this worker (enable_lora=True)")
+        return self.lora.targets()

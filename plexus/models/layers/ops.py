@@ -71,6 +71,9 @@ class ModelOps:
         logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids[:, None])[:, 0]
         return ids, logprobs
 
+    def forget_model(self, model: torch.nn.Module) -> None:
+        """Drop whatever this object cached about `model` (called when a layer's delta or method changes)."""
+
     def decode_layers(self, model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                       kv_caches: list[torch.Tensor], meta) -> torch.Tensor | None:
         """Every decoder layer and the final norm of a decode-only step in one call, or None where this

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plexus.models.layers.linear import LinearLayer, LinearMethod
+from plexus.models.layers.linear import UNQUANTIZED, LinearLayer, LinearMethod
 from plexus.models.quantization.base import QuantizationConfig
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -72,7 +72,16 @@ class BitsAndBytesConfig(QuantizationConfig):
     llm_int8_threshold: float = 6.0
     ignored: tuple[str, ...] = ()          # llm_int8_skip_modules
     pre_quantized: bool = False            # the checkpoint holds bitsandbytes tensors
+    # Quantizing on load: only these module kinds (vLLM's qlora_adapter_name_or_path takes them from the QLoRA
+    # adapter's target_modules); empty: every projection. A fused layer is quantized if any shard is named.
+    target_modules: tuple[str, ...] = ()
     name = "bitsandbytes"
+
+    def linear_method(self, prefix: str, shard_names: list[str]) -> LinearMethod:
+        if self.target_modules and not self.pre_quantized and not any(
+                name.rpartition(".")[2] in self.target_modules for name in shard_names):
+            return UNQUANTIZED
+        return super().linear_method(prefix, shard_names)
 
     @classmethod
     def from_config(cls, hf_quant_config: dict | None, environ: Mapping[str, str]) -> BitsAndBytesConfig:

@@ -72,6 +72,10 @@ class NeuronQuantLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
+    def dequantize(self, layer: LinearLayer) -> torch.Tensor:
+        """The weight this layer multiplies by, [N, K] fp32."""
+        return dequantize(layer.weight, layer.weight_scale, torch.float32)
+
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         out_features, in_features = layer.weight.shape
         rows = x.numel() // in_features

@@ -19,6 +19,7 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     supported_quantizations = ("neuron_quant", "int8", "w8a8", "fp8", "awq", "gptq", "compressed-tensors",
                                "bitsandbytes", "gguf")
+    supports_lora = True
     auto_priority = 0
 
     def is_available(self) -> bool:
