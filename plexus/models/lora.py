@@ -192,7 +192,8 @@ class LoRAModel:
         """The slot of each token of the next forward (-1: no adapter). Deltas are attached to the layers only
         while some token has an adapter, so steps without one run the model's fastest path."""
         active = any(s >= 0 for s in slots)
-        self.state.set(slots, self.device)
+        if active:
+            self.state.set(slots, self.device)
         if active != self.attached:
             self.attached = active
             for layer, delta in self.deltas.values():
