@@ -221,24 +221,48 @@ def test_sgmv_and_bgmv_match_a_per_token_reference():
 
     torch.manual_seed(0)
     slots, rank, d_in, outs = 3, 8, 32, [24, 8, 8]
-    a = torch.randn(slots + 1, len(outs) * rank, d_in)
-    bs = [torch.randn(slots + 1, o, rank) for o in outs]
-    a[slots].zero_()
-    for b in bs:
-        b[slots].zero_()
+    a = torch.randn(slots, len(outs) * rank, d_in)
+    # Block-diagonal B: shard i's output rows read only its own rank columns.
+    b = torch.zeros(sum(outs), slots, len(outs) * rank)
+    offsets = [0, 24, 32, 40]
+    for i in range(len(outs)):
+        b[offsets[i]:offsets[i + 1], :, i * rank:(i + 1) * rank] = torch.randn(outs[i], slots, rank)
     x = torch.randn(11, d_in)
     token_slots = [0, 0, 2, -1, 1, 1, 1, 2, -1, 0, 2]
     want = torch.zeros(11, sum(outs))
     for t, slot in enumerate(token_slots):
         if slot >= 0:
             xa = a[slot] @ x[t]
-            want[t] = torch.cat([b[slot] @ xa[i * rank:(i + 1) * rank] for i, b in enumerate(bs)])
+            want[t] = torch.cat([b[offsets[i]:offsets[i + 1], slot, i * rank:(i + 1) * rank] @ xa[i * rank:(i + 1) * rank]
+                                 for i in range(len(outs))])
     index = torch.tensor(token_slots)
     segments = [(s, (index == s).nonzero()[:, 0]) for s in range(slots)]
-    torch.testing.assert_close(sgmv(x, a, bs, segments, rank), want)
-    torch.testing.assert_close(bgmv(x, a, bs, torch.where(index < 0, slots, index), rank), want)
+    torch.testing.assert_close(sgmv(x, a, b, segments), want)
+    onehot = torch.nn.functional.one_hot(index.clamp(min=0), slots).float() * (index >= 0)[:, None]
+    torch.testing.assert_close(bgmv(x, a, b, onehot), want)
+    # Over a run of slots only (here 1..2, the rows that use slot 0 left out).
+    rows = [t for t, slot in enumerate(token_slots) if slot != 0]
+    torch.testing.assert_close(bgmv(x[rows], a, b, onehot[rows][:, 1:], first=1), want[rows])
     # One segment covering every row: the shortcut path.
-    torch.testing.assert_close(sgmv(x, a, bs, [(1, None)], rank)[4], want[4])
+    torch.testing.assert_close(sgmv(x, a, b, [(1, None)])[4], want[4])
+
+
+def test_long_prefill_chunks_take_the_segmented_kernel_and_agree(tiny):
+    """Steps of more than BGMV_MAX_TOKENS tokens run sgmv; the same requests in small chunks run bgmv."""
+    from plexus.models import lora as lora_module
+
+    base, adapters = tiny
+    names = list(adapters)
+    prompts = [[(13 * i + 7 * j) % 500 + 1 for j in range(120)] for i in range(3)]
+    results = []
+    for chunk in (512, 64):
+        llm = LLM(model=str(base), skip_tokenizer_init=True, dtype="float32", enable_lora=True, max_loras=3,
+                  max_lora_rank=16, kv_cache_space=0.05, max_num_batched_tokens=chunk, enable_prefix_caching=False)
+        results.append(plexus_run(llm, adapters, prompts, names))
+    assert lora_module.BGMV_MAX_TOKENS < 3 * 120 and 64 < lora_module.BGMV_MAX_TOKENS
+    assert results[0][0] == results[1][0]
+    for long, short in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(long, short, atol=1e-4, rtol=0)
 
 
 def test_chat_and_beam_search_take_a_lora_request(smollm_dir, tmp_path):

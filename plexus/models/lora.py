@@ -1,17 +1,24 @@
 """LoRA on the model side: device slots of stacked adapter weights, and the per-token delta.
 
 `max_loras` slots per targeted layer hold each adapter's A and B (B already multiplied by the adapter's
-scale), padded with zeros to `max_rank`, plus one more slot of zeros that tokens without an adapter point
-at. Each token of a step carries its slot index; a layer's delta is
+scale), padded with zeros to `max_rank`. Each token of a step carries its slot index (or none); a layer's
+delta is
 
     delta[t] = (x[t] @ A[slot[t]].T) @ B[slot[t]].T
 
 computed on the layer's unquantized input and added after the base output (LinearLayer.delta), so it works
-over every quantization method, and weights are never merged. Two torch reference kernels compute it, with
-vLLM punica's semantics: `sgmv` (tokens grouped into segments by slot, one matmul pair per segment: prefill
-and mixed steps) and `bgmv` (each token's A and B gathered by its slot index: small decode batches). A fused
-layer (q/k/v, gate/up) has one A block per shard stacked along the rank axis, so the shrink is one matmul,
-and one B per shard.
+over every quantization method, and weights are never merged. A fused layer (q/k/v, gate/up) has one A
+block per shard stacked along the rank axis, so the shrink is one matmul, and one B per shard. Two torch
+kernels compute it, with vLLM punica's semantics:
+
+- `bgmv` (each token with its own slot's A and B): one shrink against every slot's A at once, the other
+  slots' columns masked away per token, one expand against every slot's B. Its cost does not depend on how
+  many adapters the step mixes, and it runs no gather or per-slot loop: small steps (decode batches).
+- `sgmv` (tokens grouped into segments by slot, one matmul pair per segment): long prefill chunks, where
+  computing every slot for every token would cost more than the loop.
+
+Layouts: A [slots, S * rank, in] (a slot's block is contiguous; all slots are one [slots * S * rank, in]
+matrix), B per shard [out_s, slots, rank] (all slots are one [out_s, slots * rank] matrix).
 
 The slots are filled from plain data (plexus.core.lora.adapter.LoRAWeights: module name -> A, B, scale),
 named by the model's own module names ("layers.0.self_attn.q_proj", "embed_tokens", "lm_head")."""
@@ -20,105 +27,116 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# At or below this many tokens with more than one adapter in the step, gather per token (bgmv).
-BGMV_MAX_TOKENS = 8
+# Steps of more tokens than this run sgmv (a loop over the adapters present) instead of bgmv (every slot for
+# every token).
+BGMV_MAX_TOKENS = 256
 
 
-def sgmv(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], segments: list[tuple[int, torch.Tensor | None]],
-         rank: int) -> torch.Tensor:
-    """Segmented LoRA: x [T, in]; a [slots, S*rank, in]; bs[s] [slots, out_s, rank]; segments: (slot, the rows
-    that use it, or None for all rows). Rows in no segment get zeros. Returns [T, sum(out_s)]."""
-    out = x.new_zeros(x.shape[0], sum(b.shape[1] for b in bs))
+def sgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, segments: list[tuple[int, torch.Tensor | None]]
+         ) -> torch.Tensor:
+    """Segmented LoRA: x [T, in]; a [slots, S*rank, in]; b [out, slots, S*rank]; segments: (slot, the rows that
+    use it, or None for all rows). Rows in no segment get zeros. Returns [T, out]."""
+    out = None
     for slot, rows in segments:
         xs = x if rows is None else x.index_select(0, rows)
-        xa = xs @ a[slot].T                                                   # [n, S*rank]
-        ys = torch.cat([xa[:, s * rank:(s + 1) * rank] @ b[slot].T for s, b in enumerate(bs)], dim=1)
+        ys = F.linear(F.linear(xs, a[slot]), b[:, slot])
         if rows is None:
             return ys
+        if out is None:
+            out = x.new_zeros(x.shape[0], ys.shape[1])
         out.index_copy_(0, rows, ys)
-    return out
+    return out if out is not None else x.new_zeros(x.shape[0], b.shape[0])
 
 
-def bgmv(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], slots: torch.Tensor, rank: int) -> torch.Tensor:
-    """Gathered LoRA: each token's A and B picked by its slot index (slots [T]; the zero slot for none)."""
-    xa = torch.bmm(a[slots], x[:, :, None])                                    # [T, S*rank, 1]
-    return torch.cat([torch.bmm(b[slots], xa[:, s * rank:(s + 1) * rank])[:, :, 0] for s, b in enumerate(bs)],
-                     dim=1)
+def bgmv(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, onehot: torch.Tensor, first: int = 0,
+         linear=F.linear) -> torch.Tensor:
+    """Per-token LoRA over the slots [first, first + onehot.shape[1]): x [T, in]; onehot [T, n], each token's
+    slot in that range (a row of zeros: no adapter). `linear`: the platform's matmul for contiguous weights
+    (ModelOps.linear)."""
+    tokens, n = onehot.shape
+    a = a[first:first + n].reshape(-1, a.shape[-1])                          # contiguous: a run of slots
+    b = b.view(b.shape[0], -1)[:, first * b.shape[2]:(first + n) * b.shape[2]]
+    xa = linear(x, a).view(tokens, n, -1) * onehot[:, :, None]
+    xa = xa.view(tokens, -1)
+    return linear(xa, b) if b.is_contiguous() else F.linear(xa, b)
 
 
 class LoRAState:
     """The slot of every row of the current forward (tokens, or the rows whose logits are computed)."""
 
-    def __init__(self, none_slot: int) -> None:
-        self.none_slot = none_slot
-        self.slots: torch.Tensor | None = None
+    def __init__(self, num_slots: int, dtype: torch.dtype) -> None:
+        self.num_slots, self.dtype = num_slots, dtype
+        # bgmv over the run of slots [first, first + onehot.shape[1]) that the rows use: [T, run]
+        self.onehot: torch.Tensor | None = None
+        self.first = 0
+        self.index: torch.Tensor | None = None         # [T] slot per row, none as `first` (masked by onehot)
         self.segments: list[tuple[int, torch.Tensor | None]] = []
-        self.gather = False
 
     def set(self, slots: list[int], device: torch.device) -> None:
         """slots: one per row, -1 for none."""
         present = sorted(set(slots) - {-1})
-        if len(present) == 1 and -1 not in slots:
-            self.segments = [(present[0], None)]
-        else:
-            t = torch.tensor(slots, device=device)
-            self.segments = [(slot, (t == slot).nonzero()[:, 0]) for slot in present]
-        self.gather = len(slots) <= BGMV_MAX_TOKENS and len(self.segments) > 1
-        self.slots = (torch.tensor([self.none_slot if s < 0 else s for s in slots], device=device)
-                      if self.gather else None)
+        self.first = present[0] if present else 0
+        run = present[-1] - self.first + 1 if present else 1
+        t = torch.tensor(slots, device=device)
+        self.index = torch.where(t < 0, self.first, t)
+        self.onehot = torch.zeros(len(slots), run, dtype=self.dtype, device=device)
+        self.onehot.scatter_(1, self.index[:, None] - self.first, (t >= 0).to(self.dtype)[:, None])
+        self.segments = []
+        if len(slots) > BGMV_MAX_TOKENS:
+            if len(present) == 1 and -1 not in slots:
+                self.segments = [(present[0], None)]
+            else:
+                self.segments = [(slot, (t == slot).nonzero()[:, 0]) for slot in present]
 
 
 class _Stack:
-    """The slots of one layer: A [slots + 1, S * rank, in] and per shard B [slots + 1, out_s, rank]."""
+    """The slots of one layer: A [slots, S * rank, in] and B [out, slots, S * rank], where a fused layer's S shards
+    each own `rank` columns of a slot's block and their rows of the output, zero elsewhere (a block-diagonal B:
+    one expand matmul for all shards)."""
 
     def __init__(self, num_slots: int, rank: int, in_features: int, out_sizes: list[int], dtype, device) -> None:
-        self.rank = rank
-        self.a = torch.zeros(num_slots + 1, len(out_sizes) * rank, in_features, dtype=dtype, device=device)
-        self.bs = [torch.zeros(num_slots + 1, out, rank, dtype=dtype, device=device) for out in out_sizes]
+        self.rank, self.out_sizes = rank, out_sizes
+        self.a = torch.zeros(num_slots, len(out_sizes) * rank, in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(sum(out_sizes), num_slots, len(out_sizes) * rank, dtype=dtype, device=device)
 
     def write(self, slot: int, shard: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        r = self.rank
+        r, offset, size = self.rank, sum(self.out_sizes[:shard]), self.out_sizes[shard]
         self.a[slot, shard * r:(shard + 1) * r].zero_()
-        self.bs[shard][slot].zero_()
+        self.b[offset:offset + size, slot].zero_()
         if a is not None:
             self.a[slot, shard * r:shard * r + a.shape[0]].copy_(a)
-            self.bs[shard][slot, :, :b.shape[1]].copy_(b.float() * scale)
+            self.b[offset:offset + size, slot, shard * r:shard * r + b.shape[1]].copy_(b.float() * scale)
 
 
 class LinearLoRA:
     """The delta of one LinearLayer (LinearLayer.delta)."""
 
-    def __init__(self, state: LoRAState, stack: _Stack) -> None:
-        self.state, self.stack = state, stack
+    def __init__(self, state: LoRAState, stack: _Stack, linear) -> None:
+        self.state, self.stack, self.linear = state, stack, linear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         state, stack = self.state, self.stack
         xl = x.reshape(-1, x.shape[-1]).to(stack.a.dtype)
-        if state.gather:
-            y = bgmv(xl, stack.a, stack.bs, state.slots, stack.rank)
+        if state.segments:
+            y = sgmv(xl, stack.a, stack.b, state.segments)
         else:
-            y = sgmv(xl, stack.a, stack.bs, state.segments, stack.rank)
+            y = bgmv(xl, stack.a, stack.b, state.onehot, state.first, self.linear)
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
 class EmbeddingLoRA:
-    """The delta of the token embedding: A is kept transposed, [slots + 1, vocab, rank], so a token's row is a
-    lookup; then the expand as for a linear layer."""
+    """The delta of the token embedding: A is kept transposed, [slots, vocab, rank], so a token's row of its
+    slot's A is a lookup; then the expand as in bgmv."""
 
     def __init__(self, state: LoRAState, stack: _Stack) -> None:
         self.state, self.stack = state, stack
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         state, stack = self.state, self.stack
-        b = stack.bs[0]
-        out = b.new_zeros(input_ids.shape[0], b.shape[1])
-        for slot, rows in state.segments:
-            ids = input_ids if rows is None else input_ids.index_select(0, rows)
-            ys = F.embedding(ids, stack.a[slot]) @ b[slot].T
-            if rows is None:
-                return ys
-            out.index_copy_(0, rows, ys)
-        return out
+        xa = stack.a[state.index, input_ids][:, None, :] * state.onehot[:, :, None]    # [T, run, rank]
+        first, run, rank = state.first, state.onehot.shape[1], stack.a.shape[2]
+        b = stack.b.view(stack.b.shape[0], -1)[:, first * rank:(first + run) * rank]
+        return F.linear(xa.reshape(xa.shape[0], -1), b)
 
 
 class LoRAModel:
@@ -129,7 +147,7 @@ class LoRAModel:
     def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.model, self.max_loras, self.max_rank, self.dtype, self.device = model, max_loras, max_rank, dtype, device
-        self.state = LoRAState(none_slot=max_loras)
+        self.state = LoRAState(max_loras, dtype)
         self.modules = model.lora_modules()
         self.stacks: dict[int, _Stack] = {}                 # id(layer) -> its stack
         self.deltas: dict[int, tuple[object, object]] = {}  # id(layer) -> (layer, its delta)
@@ -152,13 +170,13 @@ class LoRAModel:
             if shard == "embedding":
                 stack = _Stack(self.max_loras, self.max_rank, layer.embedding_dim, [layer.embedding_dim],
                                self.dtype, self.device)
-                stack.a = torch.zeros(self.max_loras + 1, layer.num_embeddings, self.max_rank, dtype=self.dtype,
+                stack.a = torch.zeros(self.max_loras, layer.num_embeddings, self.max_rank, dtype=self.dtype,
                                       device=self.device)
                 delta = EmbeddingLoRA(self.state, stack)
             else:
                 stack = _Stack(self.max_loras, self.max_rank, layer.input_size, layer.output_sizes, self.dtype,
                                self.device)
-                delta = LinearLoRA(self.state, stack)
+                delta = LinearLoRA(self.state, stack, layer.ops.linear)
             self.stacks[key] = stack
             self.deltas[key] = (layer, delta)
             if self.attached:
@@ -172,7 +190,7 @@ class LoRAModel:
             stack = self.stacks[id(layer)]
             if shard == "embedding":
                 stack.a[slot].zero_()
-                stack.bs[0][slot].zero_()
+                stack.b[:, slot].zero_()
             else:
                 stack.write(slot, shard, None, None, 1.0)
         self.slot_modules[slot] = set()
@@ -183,7 +201,7 @@ class LoRAModel:
             stack = self._stack(layer, shard)
             if shard == "embedding":
                 stack.a[slot, :, :module.rank].copy_(module.a.T)
-                stack.bs[0][slot, :, :module.rank].copy_(module.b.float() * module.scale)
+                stack.b[:, slot, :module.rank].copy_(module.b.float() * module.scale)
             else:
                 stack.write(slot, shard, module.a, module.b, module.scale)
             self.slot_modules[slot].add(name)
