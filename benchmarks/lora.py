@@ -28,7 +28,7 @@ ratio is taken within a round, then its median (min-max) over the rounds.
     .venv/bin/python benchmarks/lora.py [--runs 3] [--systems plexus-bf16,hf-bf16] [--adapters 0,1,4,8]
                                         [--quick] [--output-json PATH]
 
-Needs peft (in the dev extra: pip install -e '.[dev]'). Run it on a quiet machine (README.md).
+Needs peft (in the bench and dev extras). Run it on a quiet machine (README.md).
 """
 from __future__ import annotations
 
