@@ -431,9 +431,9 @@ def main() -> None:
     print(f"\n### {len(requests)} requests, {settings.prompt_len}-token prompts, {settings.new_tokens} new tokens each: "
           f"output tok/s, {'one run' if rounds == 1 else f'median (min-max) of {rounds} interleaved rounds'}\n")
     print(table(rows))
-    print(f"\nRequest i uses adapter i mod N. Ratios are taken within each round. 'none': plexus with "
-          f"enable_lora=False, HF without PEFT; '0': plexus with enable_lora=True and no adapter requested, "
-          f"HF+PEFT with every row '__base__'.")
+    print("\nRequest i uses adapter i mod N. Ratios are taken within each round. 'none': plexus with "
+          "enable_lora=False, HF without PEFT; '0': plexus with enable_lora=True and no adapter requested, "
+          "HF+PEFT with every row '__base__'.")
     errors = {k: v["error"] for k, v in runs.items() if isinstance(v, dict)}
     errors.update({k: v["error"] for k, v in system_settings.items() if "error" in v})
     for key, error in errors.items():
