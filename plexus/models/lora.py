@@ -72,17 +72,19 @@ class LoRAState:
         self.index: torch.Tensor | None = None         # [T] slot per row, none as `first` (masked by onehot)
         self.segments: list[tuple[int, torch.Tensor | None]] = []
 
-    def set(self, slots: list[int], device: torch.device) -> None:
-        """slots: one per row, -1 for none."""
+    def set(self, slots: list[int], device: torch.device, counts: list[int] | None = None) -> None:
+        """slots: one per row, -1 for none; or, with counts, one per sequence of counts[i] rows."""
         present = sorted(set(slots) - {-1})
         self.first = present[0] if present else 0
         run = present[-1] - self.first + 1 if present else 1
         t = torch.tensor(slots, device=device)
+        if counts is not None:
+            t = t.repeat_interleave(torch.tensor(counts, device=device))
         self.index = torch.where(t < 0, self.first, t)
-        self.onehot = torch.zeros(len(slots), run, dtype=self.dtype, device=device)
+        self.onehot = torch.zeros(t.shape[0], run, dtype=self.dtype, device=device)
         self.onehot.scatter_(1, self.index[:, None] - self.first, (t >= 0).to(self.dtype)[:, None])
         self.segments = []
-        if len(slots) > BGMV_MAX_TOKENS:
+        if t.shape[0] > BGMV_MAX_TOKENS:
             if len(present) == 1 and -1 not in slots:
                 self.segments = [(present[0], None)]
             else:
@@ -94,9 +96,12 @@ class _Stack:
     each own `rank` columns of a slot's block and their rows of the output, zero elsewhere (a block-diagonal B:
     one expand matmul for all shards)."""
 
-    def __init__(self, num_slots: int, rank: int, in_features: int, out_sizes: list[int], dtype, device) -> None:
+    def __init__(self, num_slots: int, rank: int, in_features: int, out_sizes: list[int], dtype, device,
+                 transposed_a: bool = False) -> None:
+        """transposed_a: A as [slots, in, rank] (an embedding's, whose rows are looked up by token id)."""
         self.rank, self.out_sizes = rank, out_sizes
-        self.a = torch.zeros(num_slots, len(out_sizes) * rank, in_features, dtype=dtype, device=device)
+        a_shape = (in_features, rank) if transposed_a else (len(out_sizes) * rank, in_features)
+        self.a = torch.zeros(num_slots, *a_shape, dtype=dtype, device=device)
         self.b = torch.zeros(sum(out_sizes), num_slots, len(out_sizes) * rank, dtype=dtype, device=device)
 
     def write(self, slot: int, shard: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
@@ -168,10 +173,8 @@ class LoRAModel:
         key = id(layer)
         if key not in self.stacks:
             if shard == "embedding":
-                stack = _Stack(self.max_loras, self.max_rank, layer.embedding_dim, [layer.embedding_dim],
-                               self.dtype, self.device)
-                stack.a = torch.zeros(self.max_loras, layer.num_embeddings, self.max_rank, dtype=self.dtype,
-                                      device=self.device)
+                stack = _Stack(self.max_loras, self.max_rank, layer.num_embeddings, [layer.embedding_dim],
+                               self.dtype, self.device, transposed_a=True)
                 delta = EmbeddingLoRA(self.state, stack)
             else:
                 stack = _Stack(self.max_loras, self.max_rank, layer.input_size, layer.output_sizes, self.dtype,
@@ -206,12 +209,13 @@ class LoRAModel:
                 stack.write(slot, shard, module.a, module.b, module.scale)
             self.slot_modules[slot].add(name)
 
-    def set_tokens(self, slots: list[int]) -> None:
-        """The slot of each token of the next forward (-1: no adapter). Deltas are attached to the layers only
-        while some token has an adapter, so steps without one run the model's fastest path."""
+    def set_tokens(self, slots: list[int], counts: list[int]) -> None:
+        """The slot of each sequence of the next forward (-1: no adapter) and its number of tokens. Deltas are
+        attached to the layers only while some token has an adapter, so steps without one run the model's
+        fastest path."""
         active = any(s >= 0 for s in slots)
         if active:
-            self.state.set(slots, self.device)
+            self.state.set(slots, self.device, counts)
         if active != self.attached:
             self.attached = active
             for layer, delta in self.deltas.values():

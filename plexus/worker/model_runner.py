@@ -58,7 +58,7 @@ class ModelRunner:
         if self.lora is not None:
             for slot, weights in step.lora_loads.items():
                 self.lora.load(slot, weights)
-            self.lora.set_tokens([s.lora_slot for s in seqs for _ in range(s.num_tokens)])
+            self.lora.set_tokens([s.lora_slot for s in seqs], [s.num_tokens for s in seqs])
         bucket = (self.compiled.bucket_for(meta) if self.compiled is not None
                   and not (self.lora is not None and self.lora.attached) else None)
         if bucket is not None:
