@@ -31,21 +31,22 @@ from plexus.lora.request import LoRARequest
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def snapshot_download(repo_id: str) -> str:
-    """huggingface_hub.snapshot_download; a local directory is used as is."""
-    if os.path.isdir(repo_id):
-        return repo_id
-    from huggingface_hub import snapshot_download as hub_snapshot_download
+def _assets_module():
+    """examples/make_lora_assets.py, loaded by path (so this also runs through runpy, from any directory)."""
+    spec = importlib.util.spec_from_file_location("make_lora_assets", HERE / "make_lora_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    return hub_snapshot_download(repo_id=repo_id)
+
+def snapshot_download(repo_id: str) -> str:
+    return _assets_module().snapshot_download(repo_id)
 
 
 def local_assets(assets_dir: str | None, quick: bool) -> dict:
     """The paths of the models and adapters made by examples/make_lora_assets.py."""
-    spec = importlib.util.spec_from_file_location("make_lora_assets", HERE / "make_lora_assets.py")
-    make_lora_assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_lora_assets)
-    return make_lora_assets.make_assets(assets_dir or make_lora_assets.DEFAULT_OUT, quick=quick)
+    module = _assets_module()
+    return module.make_assets(assets_dir or module.DEFAULT_OUT, quick=quick)
 
 
 def create_test_prompts(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -264,6 +265,15 @@ def make_assets(out_dir: str | pathlib.Path = DEFAULT_OUT, quick: bool = False, 
         paths[method] = str(path)
     (out_dir / "assets.json").write_text(json.dumps(paths, indent=2))
     return paths
+
+
+def snapshot_download(repo_id: str) -> str:
+    """huggingface_hub.snapshot_download, as vLLM's LoRA examples call it; a local directory is used as is."""
+    if os.path.isdir(repo_id):
+        return repo_id
+    from huggingface_hub import snapshot_download as hub_snapshot_download
+
+    return hub_snapshot_download(repo_id=repo_id)
 
 
 def main() -> None:
