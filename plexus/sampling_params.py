@@ -1,4 +1,6 @@
 """vLLM's import path ``vllm.sampling_params``."""
-from plexus.core.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, SamplingType
+from plexus.core.sampling_params import (
+    BeamSearchParams, GuidedDecodingParams, RequestOutputKind, SamplingParams, SamplingType, StructuredOutputsParams)
 
-__all__ = ["BeamSearchParams", "RequestOutputKind", "SamplingParams", "SamplingType"]
+__all__ = ["BeamSearchParams", "GuidedDecodingParams", "RequestOutputKind", "SamplingParams", "SamplingType",
+           "StructuredOutputsParams"]

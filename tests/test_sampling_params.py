@@ -92,13 +92,25 @@ def test_error_messages_state_the_allowed_range(kwargs, message):
     "kwargs, field",
     [
         (dict(truncate_prompt_tokens=128), "truncate_prompt_tokens"),
-        (dict(guided_decoding=object()), "guided_decoding"),
-        (dict(structured_outputs=object()), "structured_outputs"),
+        (dict(structured_outputs={"regex": "a+", "whitespace_pattern": " "}), "structured_outputs.whitespace_pattern"),
+        (dict(guided_decoding={"regex": "a+", "backend": "outlines"}), "guided_decoding.backend"),
     ],
 )
 def test_unsupported_features_are_refused_not_ignored(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
         SamplingParams(**kwargs)
+
+
+def test_structured_outputs_are_accepted_and_guided_decoding_is_their_older_name():
+    from plexus.sampling_params import GuidedDecodingParams, StructuredOutputsParams
+
+    p = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    assert p.structured_outputs.kind == "choice" and "choice=['yes', 'no']" in repr(p)
+    old = SamplingParams(guided_decoding=GuidedDecodingParams(json={"type": "object"}, backend="auto"))
+    assert old.structured_outputs is old.guided_decoding and old.structured_outputs.kind == "json"
+    assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs == StructuredOutputsParams(regex="a+")
+    with pytest.raises(ValueError, match="^structured_outputs must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs=object())
 
 
 def test_vllm_sampling_features_are_accepted():

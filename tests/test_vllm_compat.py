@@ -92,6 +92,21 @@ def test_vllm_chat_example(monkeypatch, capsys):
     assert len(texts) == 11 and all(texts) and len(set(texts[1:])) == 1
 
 
+def test_vllm_structured_outputs_example(monkeypatch, capsys):
+    """Its four constraints with SamplingParams' default max_tokens=16, so an output may be cut short: each is
+    (a prefix of) a string its constraint allows."""
+    import itertools
+
+    out = _run_example(EXAMPLES / "structured_outputs.py", [], monkeypatch, capsys)
+    results = dict(re.findall(r"Structured outputs by (\w+): (.*?)\n-{50}", out, re.S))
+    assert results["Choice"] in ("Positive", "Negative")
+    assert re.fullmatch(r"\w+(@\w*(\.(c(om?)?)?)?)?", results["Regex"])
+    assert results["JSON"].startswith("{") and '"brand"' in results["JSON"]
+    queries = ["SELECT " + c1 + " from " + t + " where " + c2 + "= " + n for c1, t, c2, n in itertools.product(
+        ("col_1 ", "col_2 "), ("table_1 ", "table_2 "), ("col_1 ", "col_2 "), ("1 ", "2 "))]
+    assert results["Grammar"] and any(q.startswith(results["Grammar"]) for q in queries)
+
+
 def test_cleanup_dist_env_and_memory_frees_the_engine_and_the_process_group():
     import torch.distributed as dist
 

@@ -4,6 +4,7 @@ Everything downstream takes these dataclasses; nothing else reads user settings,
 read once (plexus.envs) into EngineConfig.env."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -146,6 +147,53 @@ class CompilationConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    """vLLM's structured_outputs_config: the engine's settings for structured outputs, which plexus runs on
+    xgrammar. backend "auto" picks xgrammar; disable_any_whitespace applies to every request's JSON;
+    disable_fallback and disable_additional_properties are what xgrammar does anyway (there is no other backend
+    to fall back to, and objects get no properties their schema does not allow)."""
+    backend: str = "auto"
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    reasoning_parser: str = ""
+    enable_in_reasoning: bool = False
+
+    BACKENDS: ClassVar[tuple[str, ...]] = ("auto", "xgrammar")
+    BOOLS: ClassVar[tuple[str, ...]] = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                                        "enable_in_reasoning")
+
+    @classmethod
+    def parse(cls, value: Any, guided_decoding_backend: str = "auto") -> StructuredOutputsConfig:
+        """EngineArgs.structured_outputs_config (a StructuredOutputsConfig, a dict of its fields, or None) and
+        vLLM's older guided_decoding_backend, checked."""
+        keys = tuple(f.name for f in dataclasses.fields(cls))
+        if isinstance(value, StructuredOutputsConfig):
+            value = {key: getattr(value, key) for key in keys}
+        elif value is None:
+            value = {}
+        elif not isinstance(value, dict):
+            raise ValueError(f"structured_outputs_config must be a dict or a StructuredOutputsConfig, "
+                             f"got {type(value).__name__}")
+        unknown = sorted(set(value) - set(keys))
+        if unknown:
+            raise ValueError(f"structured_outputs_config: unknown keys {unknown}; supported: {', '.join(keys)}")
+        config = cls(**value)
+        for name, backend in (("structured_outputs_config.backend", config.backend),
+                              ("guided_decoding_backend", guided_decoding_backend)):
+            if backend not in cls.BACKENDS:
+                raise ValueError(f"{name}={backend!r} is not supported: plexus runs structured outputs on xgrammar "
+                                 f"only; allowed: {', '.join(cls.BACKENDS)}")
+        for name in cls.BOOLS:
+            if not isinstance(getattr(config, name), bool):
+                raise ValueError(f"structured_outputs_config.{name} must be a bool, got {getattr(config, name)!r}")
+        if config.reasoning_parser or config.enable_in_reasoning:
+            raise ValueError("structured_outputs_config: reasoning parsers (reasoning_parser, enable_in_reasoning) "
+                             "are not supported; leave them unset")
+        return config
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -158,5 +206,6 @@ class EngineConfig:
     env: Environment = field(default_factory=Environment.read)   # every environment variable, read once
     extra: dict = field(default_factory=dict)   # platform-specific settings (e.g. override_neuron_config)
     lora: LoRAConfig | None = None   # None: LoRA is off
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
 

@@ -45,6 +45,7 @@ class Request:
     parent_id: str = ""                  # the user's request id (children of n > 1 share it)
     lora_request: object = None          # its LoRARequest, or None
     lora_cache_key: int | None = None    # keys its prefix-cache blocks apart from other adapters' (LoRAManager)
+    grammar: object = None               # structured outputs: its GrammarMatcher (core/structured_output.py)
     arrival_time: float = field(default_factory=time.time)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

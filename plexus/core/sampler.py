@@ -2,6 +2,9 @@
 
 Runs on whatever device the logits are on. The order of stages is vLLM's:
 
+0. structured outputs: tokens the request's grammar does not allow -> -inf
+   (vLLM applies the grammar's bitmask to the logits before its sampler, so
+   the logprobs below are those of the constrained distribution);
 1. log-probabilities of the raw logits (what the user sees as logprobs);
 2. the request's own logits_processors, in order;
 3. allowed_token_ids, bad_words, banned tokens (EOS/stop tokens before
@@ -22,6 +25,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from plexus.core.sampling_params import SAMPLING_EPS, SamplingParams
@@ -66,6 +70,9 @@ class SamplingMetadata:
     no_top_k: bool
     no_top_p: bool
     no_min_p: bool
+    # Structured outputs: the allowed-token bitmasks of the rows that have one (core/step.py's layout).
+    token_bitmask: torch.Tensor | None = None  # [R, ceil(V / 32)] int32
+    token_bitmask_rows: torch.Tensor | None = None  # [R] int64: which row each bitmask belongs to
 
     @classmethod
     def build(
@@ -78,6 +85,7 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str,
         bad_words_token_ids: list[list[list[int]]] | None = None,
+        token_bitmasks: list[np.ndarray | None] | None = None,
     ) -> "SamplingMetadata":
         n = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators)
@@ -97,6 +105,12 @@ class SamplingMetadata:
 
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
+
+        bitmask = bitmask_rows = None
+        masked = [row for row, mask in enumerate(token_bitmasks or ()) if mask is not None]
+        if masked:
+            bitmask = torch.from_numpy(np.stack([token_bitmasks[row] for row in masked])).to(device)
+            bitmask_rows = torch.tensor(masked, dtype=torch.int64, device=device)
 
         return cls(
             temperature=floats([0.0 if g else p.temperature for p, g in zip(params, greedy)]),
@@ -123,6 +137,8 @@ class SamplingMetadata:
             no_top_k=all(k == vocab_size for k in top_k),
             no_top_p=all(p.top_p >= 1.0 for p in params),
             no_min_p=all(p.min_p <= 0.0 for p in params),
+            token_bitmask=bitmask,
+            token_bitmask_rows=bitmask_rows,
         )
 
 
@@ -158,6 +174,8 @@ class Sampler(torch.nn.Module):
         metadata: SamplingMetadata,
         default_generator: torch.Generator | None = None,
     ) -> SamplerOutput:
+        if metadata.token_bitmask is not None:
+            logits = apply_token_bitmask(logits, metadata.token_bitmask, metadata.token_bitmask_rows)
         if (metadata.all_greedy and metadata.no_penalties and not metadata.any_logprobs
                 and not any(metadata.banned_token_ids) and not metadata.any_processing):
             # The common case (greedy, nothing to report but the token's logprob): one pass over the logits.
@@ -212,6 +230,22 @@ class Sampler(torch.nn.Module):
             # depend on the scale of p.
             probs.masked_fill_(probs < metadata.min_p.unsqueeze(1) * max_prob, 0.0)
         return _exponential_race(probs, metadata.generators, default_generator)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [N, V]
+    bitmask: torch.Tensor,  # [R, W] int32: bit t % 32 of word t // 32 allows token t
+    rows: torch.Tensor,  # [R] int64: the row of logits each bitmask applies to
+) -> torch.Tensor:
+    """A copy of the logits with every token a row's bitmask does not allow at -inf (tokens past the bitmask's
+    32 * W too: no grammar allows a token the tokenizer does not have). Plain torch, on any device."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()  # [R, 32 * W]
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]), value=False)
+    masked = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))
+    return logits.index_put((rows,), masked)
 
 
 def _apply_request_processing(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

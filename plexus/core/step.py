@@ -35,6 +35,9 @@ class SequenceStep:
     # Prompt logprobs: the first prompt position whose logprob is still to be reported (0 has none).
     prompt_logprobs_from: int = 1
     lora_slot: int = -1                  # the device slot of its LoRA adapter; -1: none
+    # Structured outputs: the tokens its grammar allows next, bit t % 32 of word t // 32 set for token t
+    # (xgrammar's layout); int32 [ceil(vocab_size / 32)]. None: no constraint this step (or it allows all).
+    token_bitmask: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:

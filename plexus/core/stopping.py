@@ -2,9 +2,10 @@
 
 Before a step: which tokens the sampler must not pick (EOS and stop token ids
 while fewer than min_tokens were generated). After it, token by token over
-what the step accepted: EOS, stop token ids, stop strings in the detokenized
-text, max_tokens and max_model_len. The engine appends tokens and asks here;
-nothing else finishes a sequence (but an abort)."""
+what the step accepted: EOS, stop token ids, the end of a structured-output
+grammar, stop strings in the detokenized text, max_tokens and max_model_len.
+The engine appends tokens and asks here; nothing else finishes a sequence
+(but an abort)."""
 from __future__ import annotations
 
 from plexus.core.detokenizer import IncrementalDetokenizer
@@ -91,6 +92,10 @@ def stop_after_token(request: Request, token_id: int, stop_strings: StopStrings 
             status, stop_token = RequestStatus.FINISHED_STOPPED, True
         elif params.stop_token_ids and token_id in params.stop_token_ids:
             status, reason, stop_token = RequestStatus.FINISHED_STOPPED, token_id, True
+    if status is None and request.grammar is not None and request.grammar.is_terminated():
+        # Structured outputs: the grammar is complete and took its end token (EOS), which ignore_eos or
+        # min_tokens did not stop at; nothing may follow it.
+        status, stop_token = RequestStatus.FINISHED_STOPPED, True
     # A stop token's text is not shown unless include_stop_str_in_output (vLLM).
     if stop_strings is not None and not (stop_token and not params.include_stop_str_in_output):
         stop_str = stop_strings.update([token_id])

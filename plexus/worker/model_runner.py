@@ -113,7 +113,8 @@ def sample_sequences(sampler: Sampler, seqs: list[SequenceStep], logits: torch.T
                     torch.Generator(device=logits.device).manual_seed(step_seed(s.seed, s.seed_offset))
                     for s in seqs],
         banned_token_ids=[s.banned_token_ids for s in seqs], vocab_size=vocab_size, device=logits.device,
-        bad_words_token_ids=[s.bad_words_token_ids for s in seqs])
+        bad_words_token_ids=[s.bad_words_token_ids for s in seqs],
+        token_bitmasks=[s.token_bitmask for s in seqs])
     sampled = sampler(logits, metadata, generator)
     tokens = sampled.sampled_token_ids.tolist()
     lps = sampled.sampled_logprobs.tolist()
