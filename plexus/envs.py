@@ -33,6 +33,9 @@ VARIABLES = {
     "VLLM_LOGGING_LEVEL": "the same, vLLM's name (PLEXUS_LOGGING_LEVEL wins when both are set)",
     "VLLM_CPU_KVCACHE_SPACE": "CPU KV cache size in GiB when kv_cache_space is not given (vLLM's variable)",
     "VLLM_CPU_OMP_THREADS_BIND": "CPU cores for plexus's threads, e.g. 0-3 or 0,2; 'auto' or 'nobind': leave as is",
+    "VLLM_API_KEY": "the server's API key when --api-key is not given (vLLM's variable)",
+    "PLEXUS_API_KEY": "the same, plexus's name (VLLM_API_KEY wins when both are set)",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1 enables the server's /v1/load_lora_adapter and /v1/unload_lora_adapter",
     "HF_HUB_OFFLINE": "1: resolve hub model ids from the local Hugging Face cache only, never download",
     "HF_HOME": "the Hugging Face home; hub downloads go to $HF_HOME/hub",
     "HF_HUB_CACHE": "the Hugging Face hub cache directory (wins over HF_HOME)",
@@ -124,6 +127,19 @@ def _cores(env: Mapping[str, str], name: str) -> list[int] | None:
             raise ValueError(f"{name}={value!r}: expected core ids and ranges such as '0-3' or '0,2', or 'auto'")
         cores.extend(range(int(lo), int(hi or lo) + 1))
     return sorted(set(cores))
+
+
+@dataclass(frozen=True)
+class ServerEnvironment:
+    api_key: str | None
+    allow_runtime_lora_updating: bool
+
+
+def server_environment(environ: Mapping[str, str] | None = None) -> ServerEnvironment:
+    """What `plexus serve` reads from the environment, read once when the server starts."""
+    env = os.environ if environ is None else environ
+    return ServerEnvironment(api_key=env.get("VLLM_API_KEY") or env.get("PLEXUS_API_KEY") or None,
+                             allow_runtime_lora_updating=_flag(env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", False))
 
 
 def logging_level(environ: Mapping[str, str] | None = None) -> str:

@@ -41,6 +41,8 @@ def test_every_engine_args_field_is_honoured_or_refused():
         "disable_custom_all_reduce", "revision", "tokenizer_revision", "download_dir", "scheduling_policy",
         # LoRA (test_lora.py, test_lora_errors.py)
         "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "qlora_adapter_name_or_path",
+        # structured outputs (test_structured_outputs.py)
+        "structured_outputs_config", "guided_decoding_backend",
     }
     assert {f.name for f in dataclasses.fields(EngineArgs)} == refused | honoured
 
@@ -92,7 +94,7 @@ def test_a_bad_switch_names_the_variable_and_the_allowed_values(monkeypatch, var
 def test_disable_log_stats_false_logs_throughput(llm_fp32, monkeypatch):
     import logging
 
-    from plexus.core import engine as engine_module
+    from plexus.core.metrics import LoggingStatLogger
 
     records = []
     handler = logging.Handler()
@@ -100,10 +102,10 @@ def test_disable_log_stats_false_logs_throughput(llm_fp32, monkeypatch):
     logger = logging.getLogger("plexus")
     logger.addHandler(handler)
     engine = llm_fp32.llm_engine
-    monkeypatch.setattr(engine_module._Stats, "INTERVAL_S", 0.0)
-    monkeypatch.setattr(engine, "log_stats", True)
+    monkeypatch.setattr(engine, "stat_loggers", [LoggingStatLogger(interval=0.0)])
     try:
         llm_fp32.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)
     finally:
         logger.removeHandler(handler)
-    assert any("Avg generation throughput" in r.getMessage() for r in records)
+    assert any("Avg generation throughput" in r.getMessage() and "KV cache usage" in r.getMessage()
+               for r in records)

@@ -13,7 +13,8 @@ import torch
 
 import plexus.model_files as model_files
 from plexus.core.config import (
-    DTYPES, CacheConfig, CompilationConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig)
+    DTYPES, CacheConfig, CompilationConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+    StructuredOutputsConfig)
 from plexus.envs import Environment
 from plexus.model_files.hf_config import quantization_method
 
@@ -58,7 +59,7 @@ class EngineArgs:
     max_logprobs: int = 20
     revision: str | None = None
     tokenizer_revision: str | None = None
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None    # the server's names for the model; the first is reported
     generation_config: str = "auto"
     load_format: str = "auto"
     download_dir: str | None = None
@@ -72,6 +73,11 @@ class EngineArgs:
     fully_sharded_loras: bool = False
     qlora_adapter_name_or_path: str | None = None
     override_neuron_config: dict | None = None
+    # Structured outputs (xgrammar): vLLM's structured_outputs_config ({"backend": "auto" | "xgrammar",
+    # "disable_any_whitespace": ...}; on the command line also --structured-outputs-config.backend xgrammar),
+    # and its older guided_decoding_backend.
+    structured_outputs_config: dict | StructuredOutputsConfig | None = None
+    guided_decoding_backend: str = "auto"
 
     @classmethod
     def from_kwargs(cls, caller: str, **kwargs: Any) -> EngineArgs:
@@ -87,13 +93,23 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool",):
+            if f.name == "served_model_name":
+                parser.add_argument(flag, nargs="+", default=f.default)
+            elif f.type in ("bool",):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             elif "dict" in f.type:        # vLLM's JSON flags: --override-neuron-config '{"cast_logits_dtype": ...}'
                 parser.add_argument(flag, type=_json_arg, default=f.default)
             else:
                 kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
                 parser.add_argument(flag, type=kind, default=f.default)
+        # vLLM's dotted form of one key of a config flag: --structured-outputs-config.backend xgrammar
+        for key in (f.name for f in dataclasses.fields(StructuredOutputsConfig)):
+            is_bool = key in StructuredOutputsConfig.BOOLS
+            parser.add_argument(f"--structured-outputs-config.{key.replace('_', '-')}",
+                                dest="structured_outputs_config",
+                                action=_ConfigKey, key=key, type=_bool_arg if is_bool else str,
+                                nargs="?" if is_bool else None, const=True if is_bool else None,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return parser
 
     @classmethod
@@ -105,6 +121,7 @@ class EngineArgs:
 
         self._check_ranges()
         self._refuse_unsupported()
+        structured_outputs = StructuredOutputsConfig.parse(self.structured_outputs_config, self.guided_decoding_backend)
         env = Environment.read()
         extra = {"override_neuron_config": self.override_neuron_config}
         platform = resolve_platform(self.device, extra)
@@ -156,7 +173,7 @@ class EngineArgs:
                 dtype=model_dtype, max_model_len=max_model_len,
                 seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
                 generation_config=generation_config,
-                served_model_name=self.served_model_name or self.model or model_files.BUNDLED_MODEL_NAME,
+                served_model_name=_first_name(self.served_model_name) or self.model or model_files.BUNDLED_MODEL_NAME,
                 tokenizer_dir=tokenizer_dir,
                 dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto",
                 tokenizer_mode=self.tokenizer_mode, trust_remote_code=self.trust_remote_code),
@@ -174,7 +191,7 @@ class EngineArgs:
             platform=platform, quantization=quantization, enforce_eager=self.enforce_eager,
             compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs,
                                                 self.max_seq_len_to_capture),
-            env=env, extra=extra, lora=lora,
+            env=env, extra=extra, lora=lora, structured_outputs=structured_outputs,
         )
         platform.check_and_update_config(config)
         return config
@@ -302,6 +319,25 @@ def _qlora_target_modules(path: str, hub: model_files.HubOptions) -> list[str]:
     return [str(t).rpartition(".")[2] for t in targets]
 
 
+class _ConfigKey(argparse.Action):
+    """One key of a dict-valued flag, set into that flag's dict (--structured-outputs-config.backend x)."""
+
+    def __init__(self, option_strings, dest, key: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), self.key: values})
+
+
+def _bool_arg(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _json_arg(text: str) -> Any:
     import json
 
@@ -343,3 +379,13 @@ def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
 @dataclass
 class AsyncEngineArgs(EngineArgs):
     """vLLM's arguments of the async engine: the same settings (the server adds its own)."""
+
+
+def _first_name(names: str | list[str] | None) -> str | None:
+    """served_model_name may be a list (vLLM's server serves one model under several names); the first is the
+    one responses report."""
+    if isinstance(names, (list, tuple)):
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"served_model_name must be a non-empty string or list of them, got {names!r}")
+        return names[0]
+    return names

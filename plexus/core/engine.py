@@ -16,6 +16,7 @@ from plexus.core.input_processor import InputProcessor
 from plexus.core.kv_cache import KVCacheManager
 from plexus.core.lora.manager import LoRAManager
 from plexus.core.lora.request import LoRARequest
+from plexus.core.metrics import FinishedRequestStats, LoggingStatLogger, StatLogger, StepStats
 from plexus.core.output_processor import OutputProcessor, RequestState, SequenceState
 from plexus.core.outputs import RequestOutput
 from plexus.core.request import Request, RequestStatus
@@ -23,6 +24,7 @@ from plexus.core.sampler import uses_history
 from plexus.core.sampling_params import SamplingParams
 from plexus.core.scheduler import Scheduler, SchedulerOutput
 from plexus.core.step import SequenceStep, StepInput, StepOutput, TokenLogprobs
+from plexus.core.structured_output import StructuredOutputManager, accept_token
 from plexus.model_files import HubOptions
 
 logger = logging.getLogger("plexus")
@@ -54,11 +56,14 @@ class LLMEngine:
         self.inputs = InputProcessor(config, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self.log_stats = log_stats
-        self._stats = _Stats()
+        # Every step's numbers go to these (core/metrics.py); the server adds its Prometheus logger.
+        self.stat_loggers: list[StatLogger] = [LoggingStatLogger()] if log_stats else []
         eos = config.model.eos_token_ids()
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = frozenset(eos)
+        self.structured_output = StructuredOutputManager(config.structured_outputs, self.tokenizer,
+                                                         config.model.vocab_size, self.eos_token_ids)
         self._states: dict[str, RequestState] = {}
         self.lora: LoRAManager | None = None
         if config.lora is not None:
@@ -106,6 +111,7 @@ class LLMEngine:
                 f"request {request_id!r} needs up to {needed} KV cache blocks ({len(prompt_ids)} prompt tokens + "
                 f"{max_tokens} new tokens) but the cache has {self.kv_cache.num_blocks}; lower max_tokens or "
                 "raise kv_cache_space / gpu_memory_utilization")
+        grammar = self.structured_output.compile(params)     # a bad schema / regex / grammar raises here
 
         lora_cache_key = None
         if lora_request is not None:
@@ -124,7 +130,8 @@ class LLMEngine:
                 prompt_token_ids=prompt_ids, sampling_params=child_params, max_tokens=max_tokens,
                 eos_token_ids=self.eos_token_ids, seed=None if params.seed is None else params.seed + index,
                 arrival_time=arrival, priority=priority, bad_words_token_ids=processed.bad_words_token_ids,
-                lora_request=lora_request, lora_cache_key=lora_cache_key)
+                lora_request=lora_request, lora_cache_key=lora_cache_key,
+                grammar=None if grammar is None else self.structured_output.matcher(grammar))
             stop_strings = None
             if self.tokenizer is not None and params.detokenize:
                 detokenizer = IncrementalDetokenizer(
@@ -168,6 +175,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        aborted = []
         for rid in ids:
             state = self._states.pop(rid, None)
             if state is None:
@@ -175,6 +183,11 @@ class LLMEngine:
             for seq in state.sequences:
                 if not seq.request.is_finished:
                     self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
+            aborted.append(state)
+        if aborted and self.stat_loggers:
+            stats = self._scheduler_stats(time.time())
+            stats.finished = [_finished_stats(state, stats.now) for state in aborted]
+            self._record(stats)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._states)
@@ -208,6 +221,7 @@ class LLMEngine:
 
     def _process_step(self, scheduled: SchedulerOutput, result: StepOutput) -> list[RequestOutput]:
         now = time.time()
+        stats = self._scheduler_stats(now, scheduled) if self.stat_loggers else None
 
         progressed: dict[str, RequestState] = {}
         for s in scheduled.scheduled:
@@ -225,6 +239,8 @@ class LLMEngine:
                 tokens = result.sampled.get(request.request_id)
                 if not tokens:
                     continue
+                if stats is not None:
+                    _token_stats(stats, seq, state, len(tokens), now)
                 self._append_tokens(seq, tokens, now)
             except Exception as error:  # noqa: BLE001  (e.g. a tokenizer failing on this request's text)
                 self._fail(request, error)
@@ -237,9 +253,34 @@ class LLMEngine:
                 outputs.append(output)
             if state.finished:
                 del self._states[state.request_id]
-        if self.log_stats:
-            self._stats.record(scheduled, sum(len(t) for t in result.sampled.values()), now, self.scheduler)
+                if stats is not None:
+                    stats.finished.append(_finished_stats(state, now))
+        if stats is not None:
+            stats.num_running, stats.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+            stats.kv_cache_usage = self.kv_cache.usage()
+            self._record(stats)
         return outputs
+
+    def _scheduler_stats(self, now: float, scheduled: SchedulerOutput | None = None) -> StepStats:
+        scheduler = self.scheduler
+        stats = StepStats(now=now, num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                          kv_cache_usage=self.kv_cache.usage())
+        if scheduled is not None:
+            stats.num_preemptions = len(scheduled.preempted)
+            stats.prefix_cache_queries, stats.prefix_cache_hits = scheduler.take_prefix_cache_stats()
+        if self.lora is not None:
+            names = {r.lora_id: r.lora_request.lora_name for r in (*scheduler.running, *scheduler.waiting)
+                     if r.lora_id}
+            stats.running_lora_adapters = sorted({names[r.lora_id] for r in scheduler.running if r.lora_id})
+            stats.waiting_lora_adapters = sorted({names[r.lora_id] for r in scheduler.waiting if r.lora_id})
+        return stats
+
+    def _record(self, stats: StepStats) -> None:
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.record(stats)
+            except Exception as error:  # noqa: BLE001  (a broken logger must not stop generation)
+                logger.warning("stat logger %s failed: %s", type(stat_logger).__name__, error)
 
     def _lora_slots(self, scheduled: SchedulerOutput) -> tuple[dict[int, int], dict]:
         """Device slots for the step's adapters (adapter id -> slot) and the slots to fill. A request whose
@@ -266,16 +307,20 @@ class LLMEngine:
             params = r.sampling_params
             history = uses_history(params)
             scoring_prompt = params.prompt_logprobs is not None and s.start < r.num_prompt_tokens
+            banned = stopping.banned_token_ids(r) if s.samples else []
+            bitmask = None
+            if s.samples and r.grammar is not None:     # structured outputs: what its grammar allows next
+                bitmask, banned = self.structured_output.next_token_bitmask(r.grammar, banned)
             sequences.append(SequenceStep(
                 request_id=r.request_id, token_ids=r.token_ids[s.start:s.start + s.num_tokens], start=s.start,
                 block_ids=r.block_ids, sample=s.samples, params=params, num_prompt_tokens=r.num_prompt_tokens,
                 seed=r.seed, seed_offset=r.num_output_tokens,
-                banned_token_ids=stopping.banned_token_ids(r) if s.samples else [],
+                banned_token_ids=banned,
                 bad_words_token_ids=r.bad_words_token_ids,
                 prompt_token_ids=r.prompt_token_ids if history or scoring_prompt else None,
                 output_token_ids=r.output_token_ids if history else None,
                 prompt_logprobs_from=len(r.prompt_logprobs) if r.prompt_logprobs else 1,
-                lora_slot=slot_of.get(r.lora_id, -1)))
+                lora_slot=slot_of.get(r.lora_id, -1), token_bitmask=bitmask))
         return StepInput(sequences, lora_loads=loads)
 
     def _isolate_failures(self, step: StepInput, error: Exception) -> StepOutput:
@@ -310,6 +355,8 @@ class LLMEngine:
         decode = request.sampling_params.detokenize
         for sampled in tokens:
             request.append_token(sampled.token_id)
+            if request.grammar is not None:
+                accept_token(request.grammar, sampled.token_id)
             seq.cumulative_logprob += sampled.logprob
             if seq.logprobs is not None:
                 seq.logprobs.append(self.outputs.logprob_dict(sampled, decode))
@@ -328,23 +375,26 @@ class LLMEngine:
         state.prompt_logprobs = request.prompt_logprobs
 
 
-class _Stats:
-    """What disable_log_stats=False logs every few seconds, as vLLM's engine does."""
+def _token_stats(stats: StepStats, seq: SequenceState, state: RequestState, num_tokens: int, now: float) -> None:
+    """A sequence produced tokens this step: its time to first token (the request's first sequence only, so a
+    request counts once) or the gap since its last token, and the request's prompt once it starts generating."""
+    request = seq.request
+    stats.num_generation_tokens += num_tokens
+    if request.first_token_time is None:
+        if seq.index == 0:
+            stats.time_to_first_tokens.append(now - request.arrival_time)
+            stats.num_prompt_tokens += len(state.prompt_token_ids)
+    else:
+        stats.inter_token_latencies.append(now - request.last_token_time)
 
-    INTERVAL_S = 5.0
 
-    def __init__(self) -> None:
-        self.last = time.time()
-        self.prompt_tokens = self.generated_tokens = 0
-
-    def record(self, scheduled: SchedulerOutput, generated: int, now: float, scheduler: Scheduler) -> None:
-        self.prompt_tokens += sum(s.num_tokens for s in scheduled.scheduled
-                                  if s.start < s.request.num_prompt_tokens)
-        self.generated_tokens += generated
-        elapsed = now - self.last
-        if elapsed >= self.INTERVAL_S:
-            logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-                        "Running: %d reqs, Waiting: %d reqs, Preemptions: %d", self.prompt_tokens / elapsed,
-                        self.generated_tokens / elapsed, len(scheduler.running), len(scheduler.waiting),
-                        scheduler.num_preemptions)
-            self.last, self.prompt_tokens, self.generated_tokens = now, 0, 0
+def _finished_stats(state: RequestState, now: float) -> FinishedRequestStats:
+    first = state.sequences[0].request
+    reasons = [seq.request.status.finish_reason or "abort" for seq in state.sequences]
+    reason = next((r for r in ("error", "abort", "stop") if r in reasons), reasons[0])
+    return FinishedRequestStats(
+        finish_reason=reason, e2e_latency=now - first.arrival_time,
+        queue_time=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
+        num_prompt_tokens=len(state.prompt_token_ids),
+        num_generation_tokens=sum(seq.request.num_output_tokens for seq in state.sequences),
+        max_tokens=state.params.max_tokens, n=state.params.n)

@@ -86,6 +86,9 @@ class Scheduler:
         self.waiting: deque[Request] | _PriorityQueue = _PriorityQueue() if self.priority else deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prompt tokens looked up in the prefix cache at admission, and those found (vLLM's prefix cache
+        # queries / hits), since the last take_prefix_cache_stats().
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -143,6 +146,9 @@ class Scheduler:
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached
+                if self.kv_cache.enable_prefix_caching:
+                    self.prefix_cache_queries += request.num_tokens
+                    self.prefix_cache_hits += num_cached
             request.num_computed_tokens += num_cached
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -155,6 +161,11 @@ class Scheduler:
         for request in reversed(passed_over):
             self.waiting.appendleft(request)
         return out
+
+    def take_prefix_cache_stats(self) -> tuple[int, int]:
+        queries, hits = self.prefix_cache_queries, self.prefix_cache_hits
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
+        return queries, hits
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed-token counts once the model has run the step."""

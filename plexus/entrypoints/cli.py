@@ -27,6 +27,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from plexus.entrypoints.openai.api_server import run_server
+
+    return run_server(args)
+
+
 def _neuron_buckets(args: argparse.Namespace) -> int:
     from plexus.core.buckets import parse_buckets
     from plexus.platforms.neuron.advisor import advise_buckets, load_request_lengths
@@ -86,9 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
         installed = version("plexus-llm")
     except PackageNotFoundError:    # a source tree that was never installed
         installed = "unknown"
-    parser = argparse.ArgumentParser(prog="plexus", description="plexus LLM inference engine")
+    from plexus.entrypoints.arg_parser import FlexibleArgumentParser
+    from plexus.entrypoints.openai.api_server import add_server_args
+
+    parser = FlexibleArgumentParser(prog="plexus", description="plexus LLM inference engine")
     parser.add_argument("--version", action="version", version=f"plexus {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (vLLM's `vllm serve`)",
+                           description="Serve a model over vLLM's OpenAI-compatible API: /v1/completions, "
+                                       "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /metrics, /health.")
+    add_server_args(serve)
+    serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate text from one or more prompts")
     gen.add_argument("prompts", nargs="+", help="prompt text")
     gen.add_argument("--model", default=None, help="HF model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
