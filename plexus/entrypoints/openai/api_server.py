@@ -363,17 +363,16 @@ class Server:
 
 
 def build_server(engine_args: EngineArgs, settings: ServerSettings) -> Server:
-    """Load the model, start the engine loop, read the LoRA modules, and build the app (not yet listening)."""
-    from plexus.core.engine import LLMEngine
-
+    """Load the model (on the engine loop's thread), read the LoRA modules, and build the app (not yet
+    listening)."""
     lora_modules = [LoRAModule.parse(m) for m in settings.lora_modules]
-    llm_engine = LLMEngine.from_engine_args(engine_args)
-    config = llm_engine.config
+    engine = AsyncLLM.from_engine_args(engine_args, max_num_queued_requests=settings.max_num_queued_requests)
+    config = engine.engine.config
     names = engine_args.served_model_name
     names = list(names) if isinstance(names, (list, tuple)) else [config.model.served_model_name]
     metrics = PrometheusStatLogger(names[0], config.model.max_model_len,
                                    max_loras=config.lora.max_loras if config.lora is not None else 0)
-    engine = AsyncLLM(llm_engine, max_num_queued_requests=settings.max_num_queued_requests, stat_loggers=[metrics])
+    engine.engine.stat_loggers.append(metrics)      # before the first request: the loop is idle
     serving = OpenAIServing(engine, names, lora_modules, chat_template=settings.chat_template,
                             response_role=settings.response_role,
                             return_tokens_as_token_ids=settings.return_tokens_as_token_ids,
