@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from plexus.core.metrics import StatLogger, StepStats
@@ -34,6 +35,7 @@ class PrometheusStatLogger(StatLogger):
 
     def __init__(self, model_name: str, max_model_len: int, max_loras: int = 0, engine_index: int = 0,
                  registry: CollectorRegistry | None = None) -> None:
+        prometheus_client.disable_created_metrics()     # as vLLM: no *_created series beside each counter
         self.registry = registry or CollectorRegistry()
         labels = {"model_name": model_name, "engine": str(engine_index)}
         names = list(labels)
