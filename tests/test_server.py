@@ -531,3 +531,17 @@ def test_serve_flags_are_vllms_and_bad_ones_fail_before_the_model_loads(tmp_path
                           (["--max-num-seqs", "0"], "max_num_seqs")):
         assert main(["serve", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_server_runs_the_neuron_platform_through_its_cpu_reference_backend(start_server, llm_fp32):
+    """The same server over the Neuron engine (its runner over the CPU implementation of the compiled graphs):
+    greedy output equals the CPU platform's."""
+    neuron = start_server(["--device", "neuron", "--max-model-len", "256", "--max-num-seqs", "4",
+                           "--override-neuron-config", '{"backend": "cpu-reference"}'])
+    want = offline(llm_fp32, PROMPTS, temperature=0, max_tokens=12)
+    client = neuron.openai()
+    got = client.completions.create(model=neuron.model, prompt=PROMPTS, max_tokens=12, temperature=0)
+    assert [c.text for c in got.choices] == [w.text for w in want]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=neuron.model, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == want[0].text
