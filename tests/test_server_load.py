@@ -146,13 +146,17 @@ def test_a_thousand_mixed_requests_all_complete_correctly_and_metrics_add_up(ser
     assert metrics["vllm:prefix_cache_hits_total"] > 0
 
 
-def test_fuzzing_the_openapi_schema_finds_no_5xx(start_server):
+@pytest.fixture(scope="module")
+def fuzzed(start_server):
+    return start_server(["--max-model-len", "256", "--max-num-seqs", "8", "--enable-lora", "--max-lora-rank", "8"],
+                        environ={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
+
+
+def test_fuzzing_the_openapi_schema_finds_no_5xx(fuzzed):
     import requests
     import schemathesis
     from hypothesis import HealthCheck, given, settings
 
-    fuzzed = start_server(["--max-model-len", "256", "--max-num-seqs", "8", "--enable-lora", "--max-lora-rank", "8"],
-                          environ={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
     schema = schemathesis.openapi.from_url(fuzzed.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/tokenize",
@@ -177,3 +181,44 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(start_server):
     assert httpx.get(fuzzed.url + "/health").status_code == 200
     good = httpx.post(fuzzed.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3
+
+
+def test_valid_random_bodies_all_get_complete_answers(fuzzed):
+    """Bodies drawn from the valid ranges (any printable unicode prompt, sampling settings, stop strings, logprobs, n,
+    streaming or not) all get a 200 with a complete, consistent answer."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    printable = st.characters(blacklist_categories=("Cc", "Cs"))   # a lone control character tokenizes to nothing
+    body = st.fixed_dictionaries({"prompt": st.text(printable, min_size=1, max_size=60),
+                                  "max_tokens": st.integers(1, 8)}, optional={
+        "temperature": st.floats(0.0, 2.0), "top_p": st.floats(0.05, 1.0), "top_k": st.sampled_from([-1, 1, 5, 50]),
+        "min_p": st.floats(0.0, 0.5), "seed": st.integers(0, 2 ** 31), "presence_penalty": st.floats(-2, 2),
+        "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2.0),
+        "stop": st.lists(st.text(min_size=1, max_size=4), max_size=3), "logprobs": st.integers(0, 5),
+        "echo": st.booleans(), "ignore_eos": st.booleans(), "stream": st.booleans(),
+        "skip_special_tokens": st.booleans(), "min_tokens": st.integers(0, 1)})
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=body, n=st.integers(1, 3))
+    def call(body, n):
+        if body.get("temperature", 1.0) > 1e-5:
+            body["n"] = n
+        with httpx.Client(base_url=fuzzed.url, timeout=60) as client:
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, (body, response.text)
+            if body.get("stream"):
+                events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]"
+                finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"]
+                            if c["finish_reason"]]
+                assert len(finishes) == body.get("n", 1)
+            else:
+                data = response.json()
+                assert len(data["choices"]) == body.get("n", 1)
+                assert all(c["finish_reason"] in ("stop", "length") for c in data["choices"])
+                assert data["usage"]["completion_tokens"] <= body["max_tokens"] * body.get("n", 1)
+
+    call()
+    fuzzed.wait_idle()
