@@ -505,3 +505,14 @@ def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}.")
     return int(value)
+
+
+# What a model's generation_config.json may set for a request that leaves it out (vLLM's --generation-config auto).
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(generation_config: dict | None, base: SamplingParams | None = None) -> dict[str, Any]:
+    """The sampling fields generation_config.json sets; with `base`, every such field, the rest from it."""
+    gen = generation_config or {}
+    fallback = {} if base is None else {k: getattr(base, k) for k in GENERATION_DEFAULTS}
+    return {**fallback, **{k: gen[k] for k in GENERATION_DEFAULTS if gen.get(k) is not None}}

@@ -12,10 +12,8 @@ from tqdm.auto import tqdm
 from plexus.core.arg_utils import EngineArgs
 from plexus.core.engine import LLMEngine
 from plexus.core.outputs import RequestOutput
-from plexus.core.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+from plexus.core.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, generation_defaults
 from plexus.entrypoints.beam_search import BeamSearchOutput
-
-_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class LLM:
@@ -43,9 +41,7 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults, as vLLM does."""
-        gen = self.llm_engine.config.model.generation_config
-        overrides = {k: gen[k] for k in _GENERATION_DEFAULTS if gen.get(k) is not None}
-        return SamplingParams(**overrides)
+        return SamplingParams(**generation_defaults(self.llm_engine.config.model.generation_config))
 
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request: Any = None, priority: list[int] | None = None,

@@ -16,15 +16,13 @@ from typing import Any
 from plexus.core.async_engine import AsyncLLM, EngineDeadError, QueueFullError
 from plexus.core.lora.request import LoRARequest
 from plexus.core.outputs import RequestOutput
-from plexus.core.sampling_params import RequestOutputKind, SamplingParams
+from plexus.core.sampling_params import RequestOutputKind, SamplingParams, generation_defaults
 from plexus.entrypoints.openai.protocol import (
     ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
     SamplingFields, TokenizeRequest, UnloadLoRAAdapterRequest)
 
 logger = logging.getLogger("plexus")
 
-# The model's generation_config.json fills these when a request leaves them out (vLLM's --generation-config auto).
-_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class OpenAIError(Exception):
@@ -90,8 +88,8 @@ class OpenAIServing:
         for module in lora_modules:
             self.loras[module.name] = LoRARequest(module.name, lora_path=module.path,
                                                   base_model_name=module.base_model_name)
-        gen = self.config.model.generation_config or {}
-        self.defaults = {k: gen[k] if gen.get(k) is not None else v for k, v in _GENERATION_DEFAULTS.items()}
+        # A field the request leaves out: the model's generation_config.json, else SamplingParams' default.
+        self.defaults = generation_defaults(self.config.model.generation_config, SamplingParams())
 
     async def start(self) -> None:
         """Read and check the --lora-modules adapters once, at startup."""
@@ -360,15 +358,8 @@ class OpenAIServing:
             prompt_tokens += len(output.prompt_token_ids)
             for c in output.outputs:
                 completion_tokens += len(c.token_ids)
-                text, logprobs = c.text, None
-                tokens = list(c.token_ids)
-                lps = list(c.logprobs) if c.logprobs is not None else None
-                if request.echo:
-                    text = (prompt.get("prompt") if prompt.get("prompt") is not None
-                            else self.tokenizer.decode(prompt["prompt_token_ids"])) + text
-                    if lps is not None:
-                        tokens = list(output.prompt_token_ids) + tokens
-                        lps = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + lps
+                logprobs = None
+                text, tokens, lps = self._piece(c, prompt, output, echo=bool(request.echo))
                 if lps is not None:
                     logprobs = self._completion_logprobs(tokens, lps, request.logprobs, 0)
                 choices.append({"index": i * request.n + c.index, "text": text, "logprobs": logprobs,
@@ -390,15 +381,8 @@ class OpenAIServing:
             prompt = prompts[i]
             for c in output.outputs:
                 index = i * request.n + c.index
-                text, tokens = c.text, list(c.token_ids)
-                lps = list(c.logprobs) if c.logprobs is not None else None
-                if request.echo and index not in echoed:
-                    echoed.add(index)
-                    text = (prompt.get("prompt") if prompt.get("prompt") is not None
-                            else self.tokenizer.decode(prompt["prompt_token_ids"])) + text
-                    if lps is not None:
-                        tokens = list(output.prompt_token_ids) + tokens
-                        lps = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + lps
+                text, tokens, lps = self._piece(c, prompt, output, echo=bool(request.echo) and index not in echoed)
+                echoed.add(index)
                 completion_tokens += len(c.token_ids)
                 if not text and not tokens and c.finish_reason is None:
                     continue
@@ -416,6 +400,19 @@ class OpenAIServing:
             yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                         "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
+
+    def _piece(self, c, prompt: dict, output: RequestOutput, echo: bool) -> tuple[str, list[int], list | None]:
+        """A completion's text, token ids and logprobs; with echo, the prompt's in front (its first token has
+        no logprob)."""
+        text, tokens = c.text, list(c.token_ids)
+        lps = list(c.logprobs) if c.logprobs is not None else None
+        if echo:
+            prompt_text = prompt.get("prompt")
+            text = (prompt_text if prompt_text is not None else self.tokenizer.decode(prompt["prompt_token_ids"])) + text
+            if lps is not None:
+                tokens = list(output.prompt_token_ids) + tokens
+                lps = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + lps
+        return text, tokens, lps
 
     def _token_text(self, token_id: int, logprob) -> str:
         if self.return_tokens_as_token_ids:
@@ -533,8 +530,9 @@ class OpenAIServing:
             chosen = entry.get(token_id)
             text = self._token_text(token_id, chosen)
             tops = []
-            for tid, lp in sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top
-                                   and (t != token_id or lp.rank <= top)), key=lambda kv: kv[1].rank)[:top]:
+            ranked = sorted((kv for kv in entry.items() if kv[1].rank is not None and kv[1].rank <= top),
+                            key=lambda kv: kv[1].rank)
+            for tid, lp in ranked[:top]:
                 t = self._token_text(tid, lp)
                 tops.append({"token": t, "logprob": max(lp.logprob, -9999.0), "bytes": list(t.encode("utf-8"))})
             content.append({"token": text, "logprob": max(chosen.logprob, -9999.0) if chosen else None,
