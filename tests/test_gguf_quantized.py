@@ -132,10 +132,12 @@ def test_bundled_q4_1_model_keeps_its_blocks_and_greedy_matches_the_dequantized_
     model = llm_gguf_fp32.llm_engine.executor.worker.model
     decoder = [layer for layer in model.linear_layers() if layer is not model.lm_head]
     assert len(decoder) == 4 * 30 and all(layer.method.quantized for layer in decoder)
-    assert {g.ggml_type for layer in decoder for g in layer.gguf_groups} == {T.Q4_1}
-    # Q4_1 is 20 bytes per 32 values: 5/8 of a byte per weight, as in the file.
+    # Q4_1 blocks are repacked at load into the packed integer form: half a byte per weight, and per group
+    # of 32 a float32 scale (the block's d) and offset (its m + 8 d).
+    assert all(layer.gguf_packed == 4 and not layer.gguf_groups for layer in decoder)
     values = sum(layer.input_size * sum(layer.output_sizes) for layer in decoder)
-    assert sum(layer.qweight.numel() for layer in decoder) == values * 20 // 32
+    assert sum(layer.qweight.numel() for layer in decoder) == values // 2
+    assert sum(layer.gguf_scales.numel() + layer.gguf_offsets.numel() for layer in decoder) == values // 16
     assert not model.lm_head.method.quantized   # tied to the dequantized embedding
 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

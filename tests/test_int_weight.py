@@ -1,6 +1,8 @@
 """The one matmul behind every packed-integer format (AWQ, GPTQ, compressed-tensors): IntWeight, against
 w = (q - z) * s written out here, on each of its paths: torch's int4 and int8 kernels (called for short
-bf16 steps), the dequantizing fallback (long steps, fp32), and act-order shards with their own column order."""
+bf16 steps), the dequantizing fallback (long steps, fp32) from the plain or the packed form, and act-order
+shards with their own column order. (The CPU platform's decode kernel for the packed form is held to the
+same formula in test_quant_kernels.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -23,10 +25,11 @@ def _random(n, k, bits, group_size, seed=0):
     return q, scales, zeros
 
 
-@pytest.mark.parametrize("bits, group_size, kind", [(4, 64, "int4pack"), (4, 256, "int4pack"),
-                                                    (8, 256, "int8pack"), (8, 64, "dequant"), (2, 64, "dequant")])
-def test_every_path_computes_x_times_the_dequantized_weight(bits, group_size, kind):
-    n, k = 96, 256
+@pytest.mark.parametrize("bits, group_size, n, kind", [
+    (4, 64, 96, "int4pack"), (4, 256, 96, "int4pack"), (4, 64, 90, "packed"), (8, 256, 96, "int8pack"),
+    (8, 64, 96, "packed"), (8, 32, 96, "packed"), (2, 64, 96, "dequant")])
+def test_every_path_computes_x_times_the_dequantized_weight(bits, group_size, n, kind):
+    k = 256
     q, scales, zeros = _random(n, k, bits, group_size)
     weight = IntWeight(q, scales, zeros, bits, group_size, [n])
     assert [s.kind for s in weight.segments] == [kind]

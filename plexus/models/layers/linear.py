@@ -69,6 +69,12 @@ class LinearMethod:
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         return layer.ops.linear(x, layer.weight, layer.bias_for_rank(), layer.packed_weight)
 
+    def packed_int(self, layer: LinearLayer):
+        """The layer's weight as a plexus.models.quantization.packed.PackedInt (8- or 4-bit integers with group
+        scales), for the kernels that read that form (a platform's fused decode step); None when it is stored
+        otherwise."""
+        return None
+
 
 UNQUANTIZED = LinearMethod()
 

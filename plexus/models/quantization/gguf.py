@@ -3,8 +3,10 @@
 A GGUF file run with quantization="gguf" is converted (plexus.model_files.gguf, quantized mode) into a
 directory whose linear weights are the file's raw bytes: `<module>.qweight` uint8 [out, bytes per row] and
 `<module>.qweight_type` int32 (the GGMLQuantizationType), with quantization_config {"quant_method": "gguf"}.
-The layer keeps those bytes and, per matmul, dequantizes a chunk of rows at a time (CHUNK_ELEMENTS values)
-and multiplies it, so no full-precision copy of a weight exists at any time. The dequantizers are vectorized
+Q8_0, Q4_0 and Q4_1 layers are repacked once at load into the packed integer form
+(plexus.models.quantization.packed: the same values, in the layout the CPU platform's decode kernel reads);
+other types keep their bytes. Either way a step too long for the kernel dequantizes a chunk of rows at a time
+(CHUNK_ELEMENTS values) and multiplies it, so no full-precision copy of a weight exists at any time. The dequantizers are vectorized
 torch over ggml's block layouts and give exactly gguf.quants.dequantize's float32 values.
 
 A fused layer (qkv, gate_up) may get shards of different types (Q4_K_M files mix Q4_K and Q6_K): its rows
@@ -21,7 +23,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from plexus.models.layers.linear import LinearLayer, LinearMethod, WeightDims
+from plexus.models.quantization import packed
 from plexus.models.quantization.base import QuantizationConfig
+from plexus.models.quantization.packed import PackedInt
 
 # How many weight values one dequantized chunk holds (512 KiB in fp32: it stays in cache for its matmul).
 CHUNK_ELEMENTS = 1 << 17
@@ -134,6 +138,29 @@ _DEQUANTIZERS = {
 }
 SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_DEQUANTIZERS)
 
+# Types whose blocks map exactly onto the packed integer form (their bits), repacked once at load.
+_PACKABLE = {GGMLQuantizationType.Q8_0: 8, GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4}
+
+
+def repack(data: torch.Tensor, ggml_type: int) -> PackedInt:
+    """uint8 rows [N, bytes per row] of Q8_0, Q4_0 or Q4_1 blocks -> the same weights as a PackedInt (groups of
+    32, each block's fp16 d the group's scale; Q4_1's min m becomes the offset m + 8 d of v = nibble - 8).
+    packed.dequantize of the result equals dequantize() of the blocks (the products of fp16 values and small
+    integers are exact in fp32, except Q4_1's offset, rounded once)."""
+    type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][1]
+    rows = data.shape[0]
+    blocks = data.reshape(-1, type_size)
+    d = _half(blocks, 0).reshape(rows, -1)
+    if ggml_type == GGMLQuantizationType.Q8_0:
+        q = _bytes(blocks, 2, 34).view(torch.int8).reshape(rows, -1)
+        return PackedInt(q.contiguous(), d.contiguous(), None, 8)
+    start = 2 if ggml_type == GGMLQuantizationType.Q4_0 else 4
+    nibbles = packed.pack_nibbles(_nibbles(_bytes(blocks, start, start + 16)).reshape(rows, -1))
+    if ggml_type == GGMLQuantizationType.Q4_0:
+        return PackedInt(nibbles, d.contiguous(), None, 4)
+    m = _half(blocks, 2).reshape(rows, -1)
+    return PackedInt(nibbles, d.contiguous(), (m + 8 * d).contiguous(), 4)
+
 
 def type_name(ggml_type: int) -> str:
     try:
@@ -202,6 +229,7 @@ class GGUFLinearMethod(LinearMethod):
                               WeightDims(None, None, per_shard=True))
         layer.gguf_rows = {}
         layer.gguf_groups = ()
+        layer.gguf_packed = None     # bits when the rows were repacked into the packed integer form
 
     def load_weight(self, layer: LinearLayer, name: str, tensor: torch.Tensor, shard: int | None, source: str
                     ) -> bool:
@@ -237,6 +265,15 @@ class GGUFLinearMethod(LinearMethod):
         layer.qweight = nn.Parameter(torch.cat(pieces), requires_grad=False)
         layer.gguf_groups = tuple(groups)
         layer.gguf_rows = {}
+        layer.gguf_packed = None
+        if len(groups) == 1 and groups[0].ggml_type in _PACKABLE and packed.supports(layer.local_input_size, 32,
+                                                                                     _PACKABLE[groups[0].ggml_type]):
+            form = repack(layer.qweight.view(groups[0].rows, groups[0].row_bytes), groups[0].ggml_type)
+            layer.qweight = nn.Parameter(form.qweight, requires_grad=False)
+            layer.gguf_scales = nn.Parameter(form.scales, requires_grad=False)
+            layer.gguf_offsets = None if form.offsets is None else nn.Parameter(form.offsets, requires_grad=False)
+            layer.gguf_packed = form.bits
+            layer.gguf_groups = ()
 
     @staticmethod
     def _rank_part(layer: LinearLayer, rows: torch.Tensor, shard: int, ggml_type: int, source: str
@@ -261,11 +298,24 @@ class GGUFLinearMethod(LinearMethod):
             rows = rows[:, layer.tp_rank * size:(layer.tp_rank + 1) * size]
         return rows.contiguous()
 
+    def packed_int(self, layer: LinearLayer) -> PackedInt | None:
+        if not layer.gguf_packed:
+            return None
+        return PackedInt(layer.qweight, layer.gguf_scales, layer.gguf_offsets, layer.gguf_packed)
+
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         in_features = layer.local_input_size
         x2 = x.reshape(-1, in_features)   # [tokens, in]
         step = max(1, CHUNK_ELEMENTS // in_features)
         pieces = []
+        form = self.packed_int(layer)
+        if form is not None:
+            out = layer.ops.int_linear(x2, form, layer.bias_for_rank())
+            if out is not None:
+                return out.view(*x.shape[:-1], layer.local_output_size)
+            for start in range(0, form.shape[0], step):
+                weight = packed.dequantize(form, slice(start, start + step)).to(x.dtype)
+                pieces.append(F.linear(x2, weight))
         for group in layer.gguf_groups:
             data = layer.qweight[group.offset:group.offset + group.rows * group.row_bytes]
             data = data.view(group.rows, group.row_bytes)
@@ -279,5 +329,8 @@ class GGUFLinearMethod(LinearMethod):
 
     def dequantize(self, layer: LinearLayer) -> torch.Tensor:
         """The float32 weight [out, in] (for tests and tools)."""
+        form = self.packed_int(layer)
+        if form is not None:
+            return packed.dequantize(form)
         return torch.cat([dequantize(layer.qweight[g.offset:g.offset + g.rows * g.row_bytes].view(g.rows, g.row_bytes),
                                      g.ggml_type) for g in layer.gguf_groups])

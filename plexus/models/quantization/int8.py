@@ -115,6 +115,9 @@ class Int8LinearMethod(LinearMethod):
         w = layer.weight if self.activations is None else layer.weight_t.T
         return w.float() * layer.weight_scale[:, None]
 
+    def packed_int(self, layer: LinearLayer):
+        return NeuronQuantLinearMethod.packed_int(self, layer) if self.activations is None else None
+
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         if self.activations is None:
             return NeuronQuantLinearMethod.apply(self, layer, x)

@@ -13,14 +13,21 @@ and one matmul serves them all:
   groups become contiguous, per run of shards that share a permutation (q, k and v each have their own).
 - 8 bits per channel: `_weight_int8pack_mm` on q - 128 as int8 for steps of up to INT8PACK_MAX_ROWS tokens,
   the zero point folded into a per-row correction x.sum(-1) * s * (128 - z).
+- bf16 steps of a few tokens (decode): the platform's kernel for the packed form
+  (plexus.models.quantization.packed, ModelOps.int_linear), which both layouts above also keep: the int8
+  values as they are, the 4-bit ones a second time in the packed form's nibbles (half a byte per weight
+  more, which the longer steps' int4 kernel needs).
 - Anything else (longer steps, where those kernels fall far behind a dense matmul, fp32, other layouts):
-  the weight dequantized a block of rows at a time, never all at once. A 4-bit layer keeps its values in
-  plain nibbles too for that (half a byte per weight more; the speed work may drop one of the two)."""
+  the weight dequantized a block of rows at a time, never all at once; layers whose shape fits the packed
+  form keep only that form."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from plexus.models.quantization import packed
+from plexus.models.quantization.packed import PackedInt
 
 INT4PACK_GROUP_SIZES = (256, 128, 64, 32)
 # Longest steps the int4 / int8 kernels run (SmolLM2's matmuls, 2 cores, bf16: the int4 kernel takes 1.5 ms
@@ -58,7 +65,7 @@ def contiguous_groups(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | No
 
 
 class _Segment(nn.Module):
-    """A run of output rows sharing one input permutation, stored for the kernel that runs it."""
+    """A run of output rows sharing one input permutation, stored for the kernels that run it."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                  perm: torch.Tensor | None) -> None:
@@ -66,26 +73,45 @@ class _Segment(nn.Module):
         n, k = q.shape
         self.bits, self.group_size, self.n, self.k = bits, group_size, n, k
         self.perm = None if perm is None else _param(perm)
+        self.offsets = None
         int4_group = next((g for g in INT4PACK_GROUP_SIZES if group_size % g == 0 and k % g == 0), None)
-        if bits == 4 and n % 16 == 0 and int4_group is not None:
+        if bits == 4 and n % 16 == 0 and int4_group is not None and packed.supports(k, int4_group, 4):
             self.kind = "int4pack"
             repeat = group_size // int4_group
             scales, zeros = scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)
             self.group_size = int4_group
             self.qweight = _param(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-            # (q - z) * s = (q - 8) * s + (8 - z) * s: the kernel's form, [groups, n, 2]
+            # (q - z) * s = (q - 8) * s + (8 - z) * s: torch's kernel's form, [groups, n, 2]
             self.scales_zeros = _param(torch.stack([scales.T, ((8 - zeros) * scales).T], dim=-1).contiguous())
-            self.nibbles = _param((q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())   # k even: low nibble
+            form = packed.from_unsigned(q, scales, zeros, 4)   # the decode kernel's form (and dequantize's)
+            self.nibbles, self.scales = _param(form.qweight), _param(form.scales)
+            self.offsets = None if form.offsets is None else _param(form.offsets)
         elif bits == 8 and group_size == k:
             self.kind = "int8pack"
             self.qweight = _param((q.to(torch.int16) - 128).to(torch.int8))
             self.scales = _param(scales[:, 0].contiguous())
-            correction = scales[:, 0] * (128 - zeros[:, 0])
-            self.correction = None if not correction.any() else _param(correction)
+            correction = scales[:, 0] * (128 - zeros[:, 0])    # (q - z) s = (q - 128) s + (128 - z) s
+            self.offsets = None if not correction.any() else _param(correction.contiguous())
+        elif packed.supports(k, group_size, bits):
+            self.kind = "packed"
+            form = packed.from_unsigned(q, scales, zeros, bits)
+            self.qweight, self.scales = _param(form.qweight), _param(form.scales)
+            self.offsets = None if form.offsets is None else _param(form.offsets)
         else:
             self.kind = "dequant"
             self.qweight, self.scales, self.zeros = _param(q), _param(scales), _param(zeros)
         self._cast: dict[torch.dtype, nn.Parameter] = {}
+
+    def packed_int(self) -> PackedInt | None:
+        """This segment's weight in the decode kernel's form (None for the plain dequantize layout)."""
+        if self.kind == "int4pack":
+            return PackedInt(self.nibbles, self.scales, self.offsets, 4)
+        if self.kind == "int8pack":
+            return PackedInt(self.qweight, self.scales.view(-1, 1),
+                             None if self.offsets is None else self.offsets.view(-1, 1), 8)
+        if self.kind == "packed":
+            return PackedInt(self.qweight, self.scales, self.offsets, self.bits)
+        return None
 
     def _for(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A float parameter in the activations' dtype (the kernels want them to match), cast once."""
@@ -100,24 +126,21 @@ class _Segment(nn.Module):
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """Float32 weight [n, k] (rows of it) in this segment's column order."""
         rows = rows or slice(None)
-        if self.kind == "int4pack":
-            packed = self.nibbles[rows]
-            q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], self.k)
-            scale, offset = self.scales_zeros[:, rows].unbind(-1)     # [groups, r] each
-            return ((q.float() - 8) * scale.T.repeat_interleave(self.group_size, 1)
-                    + offset.T.repeat_interleave(self.group_size, 1))
-        if self.kind == "int8pack":
-            w = self.qweight.float() * self.scales[:, None]
-            if self.correction is not None:
-                w += self.correction[:, None]
-            return w[rows]
+        form = self.packed_int()
+        if form is not None:
+            return packed.dequantize(form, rows)
         q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
         return ((q.float() - z.repeat_interleave(self.group_size, 1)) * s.repeat_interleave(self.group_size, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         rows = x.shape[0]
+        form = self.packed_int()
+        if form is not None and ops is not None:
+            out = ops.int_linear(x, form)
+            if out is not None:
+                return out
         if self.kind == "int4pack" and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT4PACK_MAX_ROWS:
             return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                      self._for("scales_zeros", x.dtype))
@@ -126,8 +149,8 @@ class _Segment(nn.Module):
                 y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._for("scales", x.dtype))
             else:   # int8 values are exact in bf16: one cast, the scales after the matmul
                 y = F.linear(x, self.qweight.to(x.dtype)) * self._for("scales", x.dtype)
-            if self.correction is not None:
-                y = y + x.sum(dim=-1, keepdim=True) * self._for("correction", x.dtype)
+            if self.offsets is not None:
+                y = y + x.sum(dim=-1, keepdim=True) * self._for("offsets", x.dtype)
             return y
         outs = [F.linear(x, self.dequantize(slice(r, r + _DEQUANT_ROWS)).to(x.dtype))
                 for r in range(0, self.n, _DEQUANT_ROWS)]
@@ -160,11 +183,12 @@ class IntWeight(nn.Module):
             segments.append(_Segment(qs, scales[a:b].float(), zeros[a:b].float(), bits, group_size, perm))
         self.segments = nn.ModuleList(segments)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        """ops: the model's ModelOps, whose int_linear may serve the packed form (None: torch's paths only)."""
         rows = x.reshape(-1, self.k)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        outs = [segment(rows) for segment in self.segments]
+        outs = [segment(rows, ops) for segment in self.segments]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return y.view(*x.shape[:-1], self.n)
 
@@ -225,8 +249,15 @@ class IntWeightMethod:
             delattr(layer, name)
         layer.int_weight = IntWeight(q, scales, zeros, self.bits, group_size, layer.local_output_sizes, g_idx)
 
+    def packed_int(self, layer) -> PackedInt | None:
+        """One segment in natural column order: its packed form (the fused decode step reads it)."""
+        segments = layer.int_weight.segments
+        if len(segments) != 1 or segments[0].perm is not None:
+            return None
+        return segments[0].packed_int()
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        y = layer.int_weight(x)
+        y = layer.int_weight(x, layer.ops)
         bias = layer.bias_for_rank()
         return y if bias is None else y + bias
 

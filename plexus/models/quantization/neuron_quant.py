@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from plexus.models.layers.linear import LinearLayer, LinearMethod
+from plexus.models.quantization import packed
 from plexus.models.quantization.base import QuantizationConfig
+from plexus.models.quantization.packed import PackedInt
 
 QUANT_DTYPES = {"s8": torch.int8, "f8e4m3fn": torch.float8_e4m3fn}
 # The largest quantized magnitude: int8's, and for fp8 transformers-neuronx's FpBounds.max (Neuron's e4m3
@@ -76,8 +78,20 @@ class NeuronQuantLinearMethod(LinearMethod):
         """The weight this layer multiplies by, [N, K] fp32."""
         return dequantize(layer.weight, layer.weight_scale, torch.float32)
 
+    def packed_int(self, layer: LinearLayer) -> PackedInt | None:
+        """s8 weights are the packed form's 8-bit case as they are (one group per row)."""
+        weight = layer.weight
+        if weight.dtype != torch.int8 or not packed.supports(weight.shape[1], weight.shape[1], 8):
+            return None
+        return PackedInt(weight, layer.weight_scale.view(-1, 1), None, 8)
+
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         out_features, in_features = layer.weight.shape
+        if layer.weight.dtype == torch.int8:
+            weight = self.packed_int(layer)
+            out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
+            if out is not None:
+                return out
         rows = x.numel() // in_features
         # (In compiled graphs inductor lowers the cast-and-matmul form below itself.)
         if (layer.weight.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)

@@ -29,6 +29,7 @@ class CpuModelOps(ModelOps):
     def __init__(self, fused_decode: bool = True) -> None:
         self.fused_decode = fused_decode
         self.fast_linear = kernels.fast_linear_available()
+        self.fast_quant_linear = kernels.fast_quant_linear_available()
         # model -> its flat weight list for llama_decode_layers, or None when it cannot run fused; built at
         # the first decode step (after Platform.finalize_model packed the weights). Whoever sets a layer's
         # delta or method later must clear it (forget_model).
@@ -49,6 +50,19 @@ class CpuModelOps(ModelOps):
             out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
             return out.view(*x.shape[:-1], weight.shape[0])
         return super().linear(x, weight, bias)
+
+    def int_linear(self, x, weight, bias=None):
+        """The VNNI kernel for bf16 steps of up to QUANT_LINEAR_MAX_ROWS tokens (it rounds the activations to
+        int8 per block of 32, as llama.cpp does; fp32 models keep their exact paths)."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not (self.fast_quant_linear and x.dtype == torch.bfloat16 and _cpu(x)
+                and 0 < rows <= kernels.QUANT_LINEAR_MAX_ROWS) or torch.compiler.is_compiling():
+            return None
+        x2 = x.reshape(rows, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.ops.plexus.linear_quant(x2, weight.qweight, weight.scales, weight.offsets, bias, weight.bits, False)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def pack_weight(self, weight):
         return kernels.pack_weight(weight)
@@ -83,15 +97,19 @@ class CpuModelOps(ModelOps):
 
     def decode_layers(self, model, hidden, positions, kv_caches, meta):
         """All layers of a step of one-token sequences in one C++ call, for the Llama family with unquantized
-        weights, no per-token deltas and the kernel's own decode metadata (no mask)."""
+        or packed-integer weights (PackedInt), no per-token deltas and the kernel's own decode metadata (no
+        mask)."""
         if not (self.fused_decode and _cpu(hidden) and meta.decode is not None and meta.decode.mask is None
                 and all(c.dtype == hidden.dtype and c.is_contiguous() for c in kv_caches)):
             return None
         key = id(model)
         if key not in self._decode_weights_of:
-            self._decode_weights_of[key] = self._decode_weights(model)
+            self._decode_weights_of[key] = self._decode_weights(model, hidden.dtype)
         weights = self._decode_weights_of[key]
         if weights is None:
+            return None
+        quantized, weights = weights
+        if quantized and hidden.shape[0] > kernels.QUANT_LINEAR_MAX_ROWS:
             return None
         attn = model.layers[0].self_attn
         return torch.ops.plexus.llama_decode_layers(
@@ -100,23 +118,33 @@ class CpuModelOps(ModelOps):
             attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale,
             kernels.FAST_LINEAR_MAX_ROWS, kernels.FAST_LINEAR_MAX_ROWS_UNPACKED)
 
-    @staticmethod
-    def _decode_weights(model) -> list[torch.Tensor | None] | None:
-        """The flat weight list llama_decode_layers reads, or None when a layer is not plain (quantized, or
-        with a delta such as LoRA)."""
+    def _decode_weights(self, model, dtype) -> tuple[bool, list[torch.Tensor | None]] | None:
+        """(whether any layer is quantized, the flat list llama_decode_layers reads: per linear its weight,
+        bias, oneDNN-packed weight, and for a PackedInt its int8/uint8 values in place of the weight with its
+        scales and offsets), or None when a layer cannot run fused (another quantized form, a delta such as
+        LoRA, or a packed-integer layer without the VNNI kernel or in fp32)."""
         weights: list[torch.Tensor | None] = []
+        quantized = False
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(lin.method is not UNQUANTIZED or lin.delta is not None for lin in linears):
-                return None
+            entries = []
+            for lin in linears:
+                if lin.delta is not None:
+                    return None
+                if lin.method is UNQUANTIZED:
+                    entries.append([lin.weight, lin.bias, lin.packed_weight, None, None])
+                    continue
+                packed = lin.method.packed_int(lin)
+                if packed is None or not self.fast_quant_linear or dtype != torch.bfloat16:
+                    return None
+                quantized = True
+                entries.append([packed.qweight, lin.bias_for_rank(), None, packed.scales, packed.offsets])
             weights.append(layer.input_layernorm.weight)
-            for lin in linears[:2]:
-                weights += [lin.weight, lin.bias, lin.packed_weight]
+            weights += entries[0] + entries[1]
             weights.append(layer.post_attention_layernorm.weight)
-            for lin in linears[2:]:
-                weights += [lin.weight, lin.bias, lin.packed_weight]
-        return weights
+            weights += entries[2] + entries[3]
+        return quantized, weights
 
 
 class CpuPagedAttention(TorchPagedAttention):

@@ -19,7 +19,7 @@ import torch
 logger = logging.getLogger("plexus")
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "elementwise.cpp", "attention.cpp")]
+_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "quant_linear.cpp", "elementwise.cpp", "attention.cpp")]
 _HEADERS = [_DIR / "common.h"]
 
 
@@ -39,6 +39,7 @@ def _build_key() -> str:
 
 _loaded: bool | None = None        # plain globals, not functools.cache: torch.compile reads them as constants
 _fast_linear: bool | None = None
+_fast_quant_linear: bool | None = None
 
 
 def load(cache_dir: pathlib.Path, verbose: bool = False) -> bool:
@@ -92,6 +93,17 @@ def fast_linear_available() -> bool:
     return _fast_linear
 
 
+def fast_quant_linear_available() -> bool:
+    """Whether linear_quant has its VNNI path here (its scalar path serves anywhere, but slowly)."""
+    global _fast_quant_linear
+    if _fast_quant_linear is None:
+        _fast_quant_linear = loaded() and bool(torch.ops.plexus.has_fast_quant_linear())
+    return _fast_quant_linear
+
+
+# The quantized GEMV (linear_quant) serves steps of up to this many tokens: above, it reads each weight
+# block once per 4 rows and the methods' own paths (torch's int4/int8 kernels, dequantize-and-matmul) win.
+QUANT_LINEAR_MAX_ROWS = 8
 # The hand-written GEMV serves up to this many rows; above, oneDNN with prepacked weights is faster, and
 # without prepacked weights the GEMV still beats F.linear up to FAST_LINEAR_MAX_ROWS_UNPACKED
 # (both measured in docs/performance.md).
@@ -114,6 +126,10 @@ def _register_fake_impls() -> None:
     @lib.register_fake("plexus::linear_bf16")
     def _(x, w, bias, out_fp32):
         return x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32 if out_fp32 else x.dtype)
+
+    @lib.register_fake("plexus::linear_quant")
+    def _(x, qweight, scales, offsets, bias, bits, scalar):
+        return x.new_empty(x.shape[0], qweight.shape[0])
 
     @lib.register_fake("plexus::rms_norm")
     def _(x, w, eps):

@@ -54,6 +54,11 @@ inline __m512i load32(const bf16* p, int64_t n) {
 bool has_fast_linear();
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        bool out_fp32);
+// quant_linear.cpp
+bool has_fast_quant_linear();
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t bits,
+                        bool scalar);
 // elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);

@@ -14,9 +14,11 @@ namespace plexus {
 // Every decoder layer of a Llama-family model for a step of single-token
 // sequences, in one call: the same ops as LlamaDecoderLayer.forward, minus
 // the Python between them (about a quarter of a batch-1 step in eager mode).
-// weights: 14 per layer: input norm; qkv weight, bias, packed; o weight, bias,
-// packed; post-attention norm; gate_up and down likewise. Absent biases and
-// packed weights (kernels.pack_weight) are None.
+// weights: 22 per layer: input norm; qkv weight, bias, packed, scales, offsets;
+// o likewise; post-attention norm; gate_up and down likewise. Absent biases and
+// packed weights (kernels.pack_weight) are None. A linear with scales is an
+// integer one (linear_quant: int8 weight for 8 bits, uint8 nibbles for 4), its
+// offsets possibly None.
 // ---------------------------------------------------------------------------
 at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
@@ -29,7 +31,10 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
   static auto packed_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   // The same choice as plexus.kernels.linear: GEMV for few rows, else oneDNN on prepacked weights, else ATen.
   auto lin = [&](const at::Tensor& x, const c10::optional<at::Tensor>& wt, const c10::optional<at::Tensor>& b,
-                 const c10::optional<at::Tensor>& packed) -> at::Tensor {
+                 const c10::optional<at::Tensor>& packed, const c10::optional<at::Tensor>& scales,
+                 const c10::optional<at::Tensor>& offsets) -> at::Tensor {
+    if (scales.has_value())
+      return linear_quant(x, *wt, *scales, offsets, b, wt->scalar_type() == at::kChar ? 8 : 4, false);
     if (bf16_gemv && rows <= (packed.has_value() ? fast_rows_packed : fast_rows_unpacked))
       return linear_bf16(x, *wt, b, false);
     if (packed.has_value()) {
@@ -41,20 +46,21 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
     return at::linear(x, *wt, b);
   };
   const int64_t L = static_cast<int64_t>(kv_caches.size());
-  constexpr int kPerLayer = 14;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kPerLayer * L, "llama_decode_layers: 14 weights per layer");
+  constexpr int kPerLayer = 22;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kPerLayer * L, "llama_decode_layers: 22 weights per layer");
   auto w = [&](int64_t l, int i) -> c10::optional<at::Tensor> { return weights.get(kPerLayer * l + i); };
   const int64_t B = hidden.size(0);
   at::Tensor residual = hidden.clone();
   at::Tensor h;
   for (int64_t l = 0; l < L; ++l) {
     h = l == 0 ? rms_norm(residual, *w(l, 0), eps) : add_rms_norm(h, residual, *w(l, 0), eps);
-    at::Tensor qkv = lin(h, w(l, 1), w(l, 2), w(l, 3));
+    at::Tensor qkv = lin(h, w(l, 1), w(l, 2), w(l, 3), w(l, 4), w(l, 5));
     at::Tensor q = rope_and_cache(qkv, positions, cos, sin, kv_caches[l], slot_mapping, num_heads, num_kv_heads,
                                   head_dim);
     at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale).view({B, -1});
-    h = add_rms_norm(lin(attn, w(l, 4), w(l, 5), w(l, 6)), residual, *w(l, 7), eps);
-    h = lin(silu_and_mul(lin(h, w(l, 8), w(l, 9), w(l, 10))), w(l, 11), w(l, 12), w(l, 13));
+    h = add_rms_norm(lin(attn, w(l, 6), w(l, 7), w(l, 8), w(l, 9), w(l, 10)), residual, *w(l, 11), eps);
+    h = lin(silu_and_mul(lin(h, w(l, 12), w(l, 13), w(l, 14), w(l, 15), w(l, 16))), w(l, 17), w(l, 18), w(l, 19),
+            w(l, 20), w(l, 21));
   }
   return add_rms_norm(h, residual, final_norm, eps);
 }
@@ -62,6 +68,8 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
 TORCH_LIBRARY(plexus, m) {
   m.def("has_fast_linear() -> bool", has_fast_linear);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, bool out_fp32) -> Tensor");
+  m.def("has_fast_quant_linear() -> bool", has_fast_quant_linear);
+  m.def("linear_quant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias, int bits, bool scalar) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -77,6 +85,7 @@ TORCH_LIBRARY(plexus, m) {
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
   m.impl("linear_bf16", linear_bf16);
+  m.impl("linear_quant", linear_quant);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);

@@ -1,0 +1,155 @@
+"""The CPU platform's decode kernel for integer weights (torch.ops.plexus.linear_quant, VNNI and scalar paths),
+called directly, against the formula written out here; the packed form's layout and GGUF repacking against
+gguf-py; and the fused quantized decode step against the layer-by-layer path on SmolLM2."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+
+from plexus import LLM, SamplingParams
+from plexus.envs import cache_dir
+from plexus.model_files.gguf import bundled_gguf_path
+from plexus.models.quantization import packed
+from plexus.models.quantization.gguf import repack
+from plexus.platforms.cpu import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.load(cache_dir()), reason="the CPU kernels could not be built here")
+VNNI = kernels.fast_quant_linear_available() if kernels.loaded() else False
+
+
+def _layout(v: torch.Tensor) -> torch.Tensor:
+    """4-bit values [N, K] packed by hand: byte j of block b = v[64b + j] | v[64b + 32 + j] << 4."""
+    n, k = v.shape
+    out = torch.zeros(n, k // 2, dtype=torch.uint8)
+    for b in range(k // 64):
+        for j in range(32):
+            out[:, 32 * b + j] = v[:, 64 * b + j] | (v[:, 64 * b + 32 + j] << 4)
+    return out
+
+
+def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 inputs with scale max|x| / 127, back in float64. (In float32 and by
+    multiplying with 127 / max|x| as the kernel does, so that values halfway between two steps round alike.)"""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv).double() * (amax / 127).double()).reshape(m, k)
+
+
+def _random_weight(n, k, bits, group_size, offsets, seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    if bits == 8:
+        v = torch.randint(-128, 128, (n, k), generator=g)
+        qweight = v.to(torch.int8)
+    else:
+        nibbles = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
+        v = nibbles.long() - 8
+        qweight = _layout(nibbles)
+    scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
+    offs = torch.randn(n, groups, generator=g) * 0.01 if offsets else None
+    w = v.double() * scales.double().repeat_interleave(group_size, 1)
+    if offs is not None:
+        w += offs.double().repeat_interleave(group_size, 1)
+    return qweight, scales, offs, w
+
+
+CASES = [(8, 576, 576), (8, 576, 32), (8, 1536, 128), (4, 576, 32), (4, 576, 64), (4, 1536, 128), (4, 256, 256)]
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["vnni", "scalar"])
+@pytest.mark.parametrize("bits, k, group_size", CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_linear_quant_is_the_formula_on_int8_rounded_activations(bits, k, group_size, rows, scalar):
+    if not scalar and not VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI: the scalar path serves")
+    n = 100   # not a multiple of the kernel's 4-row tiles
+    for offsets in (False, True):
+        qweight, scales, offs, w = _random_weight(n, k, bits, group_size, offsets, seed=bits + k + group_size)
+        bias = torch.randn(n)
+        x = torch.randn(rows, k) * torch.rand(1, k) * 3     # uneven blocks
+        expected = _rounded_activations(x.bfloat16().float()) @ w.T + bias.double()
+        got = torch.ops.plexus.linear_quant(x.bfloat16(), qweight, scales, offs, bias, bits, scalar)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        torch.testing.assert_close(got.double(), expected, rtol=8e-3, atol=1e-3 * expected.abs().max().item())
+        got32 = torch.ops.plexus.linear_quant(x, qweight, scales, offs, None, bits, scalar)
+        expected32 = _rounded_activations(x) @ w.T
+        torch.testing.assert_close(got32.double(), expected32, rtol=1e-4, atol=1e-5 * expected32.abs().max().item())
+        # and the rounding of the activations costs about 1% of the output's size (random weights and inputs)
+        exact = x.double() @ w.T
+        assert (got32.double() - exact).norm() / exact.norm() < 1.5e-2
+
+
+def test_linear_quant_refuses_shapes_it_cannot_serve():
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="whole blocks of 64"):
+        torch.ops.plexus.linear_quant(x, torch.zeros(4, 96, dtype=torch.int8), torch.ones(4, 1), None, None, 8, False)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.plexus.linear_quant(x, torch.zeros(4, 128, dtype=torch.uint8), torch.ones(4, 1), None, None, 8, False)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.plexus.linear_quant(x, torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 8), None, None, 4, False)
+
+
+def test_pack_nibbles_is_the_documented_layout_and_unpacks_back():
+    v = torch.randint(0, 16, (5, 256), dtype=torch.uint8)
+    assert torch.equal(packed.pack_nibbles(v), _layout(v))
+    assert torch.equal(packed.unpack_nibbles(packed.pack_nibbles(v)), v)
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+def test_gguf_blocks_repack_to_the_values_gguf_py_dequantizes(ggml_type):
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((24, 512)) * rng.uniform(0.01, 1, (24, 1))).astype(np.float32)
+    rows = gguf_quants.quantize(weights, ggml_type)
+    expected = torch.from_numpy(gguf_quants.dequantize(rows, ggml_type))
+    form = repack(torch.from_numpy(rows), ggml_type)
+    assert form.bits == (8 if ggml_type == T.Q8_0 else 4) and form.group_size == 32
+    got = packed.dequantize(form)
+    if ggml_type == T.Q4_1:   # the offset m + 8 d is rounded once in float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    else:
+        assert torch.equal(got, expected)
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time",
+           "The three primary colors are", "import numpy as np\n", "Translate to French: cheese", "2 + 2 ="]
+
+
+@pytest.fixture(scope="module")
+def native_q4_1():
+    return LLM(model=str(bundled_gguf_path()), quantization="gguf", dtype="bfloat16", max_model_len=512,
+               kv_cache_space=0.05)
+
+
+def _fused_and_layered(llm):
+    """Greedy tokens for PROMPTS through the fused decode step, then layer by layer."""
+    model = llm.llm_engine.executor.worker.model
+    ops = model.layers[0].self_attn.qkv_proj.ops
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    fused = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    quantized, _ = ops._decode_weights_of[id(model)]        # the fused step ran, over packed weights
+    assert quantized
+    ops.fused_decode = False
+    try:
+        layered = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    finally:
+        ops.fused_decode = True
+    return fused, layered
+
+
+@pytest.mark.skipif(not VNNI, reason="the fused step runs packed weights only with the VNNI kernel")
+def test_fused_q4_1_decode_equals_the_layer_by_layer_path(native_q4_1):
+    fused, layered = _fused_and_layered(native_q4_1)
+    assert fused == layered
+
+
+@pytest.mark.skipif(not VNNI, reason="the fused step runs packed weights only with the VNNI kernel")
+def test_fused_int8_decode_equals_the_layer_by_layer_path(smollm_dir):
+    llm = LLM(model=str(smollm_dir), quantization="int8", dtype="bfloat16", max_model_len=512, kv_cache_space=0.05)
+    fused, layered = _fused_and_layered(llm)
+    assert fused == layered
