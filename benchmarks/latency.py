@@ -1,7 +1,7 @@
-"""Batch-1 latency of plexus against HF transformers and llama.cpp on SmolLM2-135M-Instruct.
+"""Batch-1 latency of plexus (bf16 and quantized) against HF transformers and llama.cpp on SmolLM2-135M-Instruct.
 
 For each prompt length (32 and 512 tokens) one request generates 128 tokens
-(greedy, EOS ignored) and we report:
+(greedy, EOS ignored) and we report, per run:
 
 - TTFT (ms): from submitting the request to the first generated token
   (prefill of the whole prompt plus the first sampling step);
@@ -11,19 +11,48 @@ For each prompt length (32 and 512 tokens) one request generates 128 tokens
 plexus and llama.cpp stamp every token, so one run gives all three numbers.
 HF generate() has no per-token clock: its TTFT is the wall time of
 generate(max_new_tokens=1) and its decode time is t(128) - t(1), two calls per run.
-The metrics come from the median TTFT and the median decode time over the runs.
 
-    .venv/bin/python benchmarks/latency.py [--runs 3] [--systems plexus-bf16,hf-bf16] [--quick]
+Interleaved: every selected system is loaded once, each in its own spawned
+process (common.Workers), and the runs go round-robin: for each prompt length,
+for each run index, every system once (A, B, C, A, B, C, ...), so that the
+machine's drift hits all of them alike. Only one process works at a time; each
+settles (its OpenMP threads asleep) before the next one starts. Reported: each
+metric's median with (min-max) over the runs, the ratios of medians of each
+plexus column against its references (common.COMPARISONS) with their spread,
+and every worker's resident memory.
+
+    .venv/bin/python benchmarks/latency.py [--runs 5] [--systems plexus-bf16,llamacpp-bf16] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common import (add_common_args, limit_threads, markdown_table, median, Metric, random_prompts,
-                    Request, run_systems, start, vocab_range, write_results)
+from common import (
+    SYSTEMS,
+    Metric,
+    Request,
+    Workers,
+    add_common_args,
+    comparisons,
+    kv_cache_space_gib,
+    legend,
+    memory_table,
+    random_prompts,
+    ratio_table,
+    resolve_runs,
+    run_stats,
+    start,
+    stats_table,
+    vocab_range,
+    write_results,
+)
+
+DEFAULT_RUNS = 5
+DEFAULT_SYSTEMS = SYSTEMS          # all of them, HF included (about 12 minutes with 5 runs, see README.md)
 
 
 @dataclass(frozen=True)
@@ -41,65 +70,105 @@ METRICS = (
 )
 
 
-def measure(system: Any, prompt: tuple[int, ...], new_tokens: int) -> dict[str, float]:
-    """One run: TTFT and the time from the first to the last generated token, in seconds."""
-    if system.per_request_timing:
-        timing = system.run([Request(prompt, new_tokens)]).requests[0]
-        return {"ttft_s": timing.ttft_s, "decode_s": timing.decode_s}
-    first = system.run([Request(prompt, 1)]).wall_s
-    full = system.run([Request(prompt, new_tokens)]).wall_s
-    return {"ttft_s": first, "decode_s": full - first, "t1_s": first, f"t{new_tokens}_s": full}
+class Runner:
+    """Lives in a system's worker process: the system, loaded and warmed up; measure() is one run."""
+
+    def __init__(self, name: str, model_path: str, seq_len: int, kv_cache_space: float) -> None:
+        from systems import load_system
+
+        self.system = load_system(name, model_path, max_concurrency=1, seq_len=seq_len, kv_cache_space=kv_cache_space)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.system.settings
+
+    def measure(self, prompt: tuple[int, ...], new_tokens: int) -> dict[str, float | None]:
+        """One run: TTFT and the time from the first to the last generated token, and the metrics."""
+        if self.system.per_request_timing:
+            timing = self.system.run([Request(prompt, new_tokens)]).requests[0]
+            run = {"ttft_s": timing.ttft_s, "decode_s": timing.decode_s}
+        else:
+            first = self.system.run([Request(prompt, 1)]).wall_s
+            full = self.system.run([Request(prompt, new_tokens)]).wall_s
+            run = {"ttft_s": first, "decode_s": full - first, "t1_s": first, f"t{new_tokens}_s": full}
+        decode = run["decode_s"]
+        # HF's t(N) - t(1) can come out <= 0 on a busy machine: that run has no decode tok/s.
+        return {**run, "ttft_ms": run["ttft_s"] * 1e3, "prefill_tps": len(prompt) / run["ttft_s"],
+                "decode_tps": (new_tokens - 1) / decode if decode > 0 else None}
+
+    def close(self) -> None:
+        self.system.close()
 
 
-def summarize(samples: Sequence[dict[str, float]], prompt_len: int, new_tokens: int) -> dict[str, float | None]:
-    """Metrics from the median TTFT and the median decode time of the runs."""
-    ttft = median([s["ttft_s"] for s in samples])
-    decode = median([s["decode_s"] for s in samples])
-    if decode <= 0:   # HF's t(N) - t(1) on a busy machine
-        print(f"  decode time {decode * 1e3:.1f} ms is not positive: the machine is not quiet; "
-              "decode tok/s left out", flush=True)
-    return {"ttft_ms": ttft * 1e3, "prefill_tps": prompt_len / ttft,
-            "decode_tps": (new_tokens - 1) / decode if decode > 0 else None}
-
-
-def worker(name: str, model_paths: dict[str, str], prompts: list[tuple[int, ...]], new_tokens: int,
-           runs: int) -> dict[str, Any]:
-    """Runs in a fresh process: load one system, measure every prompt `runs` times."""
-    limit_threads()
-    from systems import load_system
-
-    seq_len = max(1024, max(len(p) for p in prompts) + new_tokens)   # llama.cpp n_ctx
-    system = load_system(name, model_paths[name], max_concurrency=1, seq_len=seq_len)
-    by_length: dict[str, Any] = {}
+def measure(workers: Workers, prompts: Sequence[tuple[int, ...]], new_tokens: int,
+            runs: int) -> dict[str, dict[str, list[dict]]]:
+    """system -> prompt length -> its runs, interleaved: for each prompt, for each run, every system once."""
+    found: dict[str, dict[str, list[dict]]] = {name: {} for name in workers.alive}
     for prompt in prompts:
-        samples = [measure(system, prompt, new_tokens) for _ in range(runs)]
-        by_length[str(len(prompt))] = {**summarize(samples, len(prompt), new_tokens), "runs": samples}
-    system_settings = system.settings
-    system.close()
-    return {"by_prompt_length": by_length, "system_settings": system_settings}
+        for r in range(runs):
+            print(f"{len(prompt)}-token prompt, run {r + 1}/{runs}:", flush=True)
+            for name in workers.alive:
+                run = workers.call(name, "measure", prompt, new_tokens)
+                if run is None:
+                    continue
+                found[name].setdefault(str(len(prompt)), []).append(run)
+                decode = f"{run['decode_tps']:.1f}" if run["decode_tps"] else "n/a"
+                print(f"  {name}: TTFT {run['ttft_ms']:.1f} ms, decode {decode} tok/s", flush=True)
+    return found
 
 
-def report(results: dict[str, dict], prompt_lengths: Sequence[int], new_tokens: int) -> None:
-    for length in prompt_lengths:
-        rows = {s: r["by_prompt_length"][str(length)] for s, r in results.items() if "error" not in r}
-        print(f"\n### Batch 1, {length}-token prompt, {new_tokens} new tokens (median)\n")
-        print(markdown_table(rows, METRICS))
+def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
+    """For one prompt length: system -> metric -> run_stats."""
+    return {name: {m.key: run_stats(run[m.key] for run in found) for m in METRICS} for name, found in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, DEFAULT_RUNS, DEFAULT_SYSTEMS)
     args = parser.parse_args()
+    resolve_runs(args)
+    began = time.perf_counter()
     settings = QUICK if args.quick else Settings()
     runs, info, hf_dir, paths = start(args)
     prompts = random_prompts(settings.prompt_lengths, vocab_range(hf_dir))
+    seq_len = max(1024, max(settings.prompt_lengths) + settings.new_tokens)   # llama.cpp n_ctx
 
-    results = run_systems(args.systems, worker, paths, prompts, settings.new_tokens, runs)
-    report(results, settings.prompt_lengths, settings.new_tokens)
+    kv_space = kv_cache_space_gib(hf_dir, [max(settings.prompt_lengths) + settings.new_tokens])   # plexus
+    with Workers(args.systems, Runner, lambda name: (name, paths[name], seq_len, kv_space)) as workers:
+        by_system = measure(workers, prompts, settings.new_tokens, runs)
+    results: dict[str, dict] = {}
+    for name in args.systems:
+        if name in workers.errors and not by_system.get(name):
+            results[name] = {"error": workers.errors[name]}
+            continue
+        results[name] = {"system_settings": workers.settings.get(name), "memory": workers.memory.get(name),
+                         "by_prompt_length": {length: {"runs": found} for length, found in by_system[name].items()}}
+        if name in workers.errors:
+            results[name]["error"] = workers.errors[name]
+
+    summary: dict[str, Any] = {}
+    for length in map(str, settings.prompt_lengths):
+        stats = summarize({name: found[length] for name, found in by_system.items() if found.get(length)})
+        ratios = comparisons(stats, METRICS)
+        summary[length] = {"stats": stats, "comparisons": ratios}
+        for name, row in stats.items():    # the medians beside the runs, as before interleaving
+            results[name]["by_prompt_length"][length].update(
+                {key: found["median"] if found else None for key, found in row.items()}, stats=row)
+        print(f"\n### Batch 1, {length}-token prompt, {settings.new_tokens} new tokens ({runs} interleaved run{'s' * (runs > 1)})\n")
+        print(stats_table(stats, METRICS, runs))
+        if ratios:
+            print()
+            print(ratio_table(ratios, METRICS))
+    print("\n### Resident memory of each system's process\n")
+    print(memory_table(workers.memory))
+    print("\nWeights:\n" + legend(args.systems))
+    for name, error in workers.errors.items():
+        print(f"\n{name} FAILED:\n{error}")
     name = "latency_quick" if args.quick else "latency"
     path = write_results(name, {"benchmark": "latency", "machine": info, "settings": asdict(settings),
-                                "runs": runs, "model_paths": paths, "results": results}, args.output_json)
-    print(f"\nWrote {path}")
+                                "runs": runs, "interleaved": True, "model_paths": paths, "summary": summary,
+                                "results": results}, args.output_json)
+    print(f"\nWrote {path} ({time.perf_counter() - began:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -29,16 +29,19 @@ PARTS = {
     "outputs (detokenize, RequestOutput)": ("plexus/core/engine.py", "_append_token"),
 }
 # self time of these kernels (visible one by one only with PLEXUS_FUSED_DECODE=0)
-KERNELS = ["llama_decode_layers", "linear_bf16", "_linear_pointwise", "linear", "paged_attention_decode",
+KERNELS = ["llama_decode_layers", "linear_quant", "linear_bf16", "_linear_pointwise", "linear", "paged_attention_decode",
            "scaled_dot_product_attention", "rope_and_cache", "add_rms_norm", "rms_norm", "silu_and_mul",
            "embedding", "logsumexp", "log_softmax", "argmax"]
 
 
-def profile(batch: int, steps: int) -> None:
+def profile(batch: int, steps: int, quantization: str | None) -> None:
     from plexus import LLM, SamplingParams
     from plexus.model_files.gguf import bundled_gguf_path, convert_gguf
 
-    llm = LLM(model=str(convert_gguf(bundled_gguf_path())), dtype="bfloat16", max_num_seqs=max(batch, 1),
+    # gguf: the bundled Q4_1 file as it is stored; otherwise its dequantized checkpoint (quantized on load
+    # by int8, w8a8, ...)
+    model = bundled_gguf_path() if quantization == "gguf" else convert_gguf(bundled_gguf_path())
+    llm = LLM(model=str(model), dtype="bfloat16", quantization=quantization, max_num_seqs=max(batch, 1),
               enable_prefix_caching=False)
     engine = llm.llm_engine
     rng = random.Random(0)
@@ -84,9 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, action="append", help="batch size (repeatable); default 1 and 64")
     parser.add_argument("--steps", type=int, default=64, help="decode steps profiled")
+    parser.add_argument("--quantization", default=None,
+                        help="gguf (the bundled Q4_1 file as stored), int8, w8a8, ... (default: bf16)")
     args = parser.parse_args()
     for batch in args.batch or [1, 64]:
-        profile(batch, args.steps)
+        profile(batch, args.steps, args.quantization)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 Every system takes token ids (no text), decodes greedily and produces exactly
 ``max_tokens`` tokens per request (EOS ignored), with NUM_THREADS threads:
 
-- PlexusSystem: ``plexus.LLM`` in bf16, one ``generate`` call for all requests.
+- PlexusSystem: ``plexus.LLM`` with bf16 activations (weights bf16 or quantized,
+  common.SPECS), one ``generate`` call for all requests.
 - HFSystem: transformers ``generate`` in bf16, static left-padded batches.
 - LlamaCppSystem: llama.cpp through llama-cpp-python's low-level API, with a
-  small continuous-batching loop (parallel sequences, chunked prefill).
+  small continuous-batching loop (parallel sequences, chunked prefill). Its AMX
+  kernels are kept out (see llamacpp_extra_buffer_types): they crash here.
 
 Import this module in the process that runs the system (see
-common.run_isolated): the heavy libraries are imported inside the classes.
+common.Worker): the heavy libraries are imported inside the classes.
 """
 from __future__ import annotations
 
@@ -59,12 +61,15 @@ WARMUP = [Request(tuple(range(1000, 1032)), 4)]
 # ---------------------------------------------------------------- plexus
 
 class PlexusSystem:
-    """plexus.LLM in bf16. Prefix caching is off so repeated runs recompute every prompt."""
+    """plexus.LLM, computing in bf16. Prefix caching is off so repeated runs recompute every prompt.
+
+    model_dir: an HF directory or a .gguf file (with quantization="gguf": its quantized blocks are kept).
+    """
 
     per_request_timing = True
 
     def __init__(self, model_dir: str, max_num_seqs: int, dtype: str = "bfloat16", **engine_args: Any) -> None:
-        """engine_args: more LLM() arguments (quantization=..., for benchmarks/quantized.py)."""
+        """engine_args: more LLM() arguments (quantization=...)."""
         import torch
 
         from plexus import LLM
@@ -74,6 +79,18 @@ class PlexusSystem:
                        enable_prefix_caching=False, seed=SEED, **engine_args)
         self.settings = {"dtype": dtype, "max_num_seqs": max_num_seqs, "enable_prefix_caching": False,
                          "detokenize": False, "torch_threads": torch.get_num_threads(), **engine_args}
+
+    def touch_kv_cache(self) -> float | None:
+        """Write the (all-zero) KV cache once, so that all of it is resident now and no timed run pays
+        for first-touch page faults (llama.cpp clears its KV buffer when it makes a context). Returns the
+        MiB written, None if the engine's internals are not where this looks for them."""
+        try:
+            caches = self.llm.llm_engine.executor.worker.kv_caches
+        except AttributeError:
+            return None
+        for cache in caches:
+            cache.zero_()
+        return sum(c.numel() * c.element_size() for c in caches) / 2**20
 
     def run(self, requests: Sequence[Request]) -> RunResult:
         from plexus import SamplingParams
@@ -200,7 +217,6 @@ class LlamaCppSystem:
     def __init__(self, gguf_path: str, n_seq_max: int, seq_len: int, n_batch: int = 512,
                  kv_unified: bool = False) -> None:
         import llama_cpp
-
         from common import quiet_llama_cpp
 
         quiet_llama_cpp()
@@ -209,6 +225,9 @@ class LlamaCppSystem:
         self.n_seq_max, self.n_batch = n_seq_max, n_batch
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
+        extra_bufts = llamacpp_extra_buffer_types()
+        if extra_bufts is None:                  # could not take AMX out: no extra buffer types at all
+            model_params.use_extra_bufts = False
         self.model = llama_cpp.llama_model_load_from_file(gguf_path.encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
@@ -227,7 +246,9 @@ class LlamaCppSystem:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.settings = {"n_ctx": llama_cpp.llama_n_ctx(self.ctx), "n_batch": n_batch, "n_ubatch": n_batch,
-                         "n_seq_max": n_seq_max, "kv_unified": kv_unified, "flash_attn_type": params.flash_attn_type}
+                         "n_seq_max": n_seq_max, "kv_unified": kv_unified, "flash_attn_type": params.flash_attn_type,
+                         "n_threads": NUM_THREADS, "use_extra_bufts": bool(model_params.use_extra_bufts),
+                         "extra_buffer_types": extra_bufts, "amx_removed": _AMX_REMOVED}
 
     def run(self, requests: Sequence[Request]) -> RunResult:
         self.lib.llama_memory_clear(self.memory, True)
@@ -303,6 +324,62 @@ class LlamaCppSystem:
         self.lib.llama_model_free(self.model)
 
 
+_AMX_REMOVED: list[str] = []      # what llamacpp_extra_buffer_types took out of the list, in this process
+
+
+def llamacpp_extra_buffer_types() -> list[str] | None:
+    """The CPU backend's extra buffer types llama.cpp will use, with AMX taken out; None if that failed.
+
+    llama-cpp-python 0.3.36 (built from source with GGML_NATIVE) compiles ggml's AMX backend on a CPU with
+    AMX, and then puts every Q4_0 / Q4_1 / Q8_0 weight of a model in the AMX buffer type; its matmul
+    crashes (SIGSEGV at `ldtilecfg` in ggml_backend_amx_mul_mat) at the first llama_decode, on this
+    virtual machine's Xeon. BF16 weights do not go to AMX and run. The known bug: llama.cpp issues
+    #20824, PR #26954 (the tile config is built on the stack and optimized away, and worker threads do
+    not ask the kernel for AMX tile data). llama_model_params.use_extra_bufts=False (llama-server's
+    --no-repack) avoids it, but also turns off the CPU_REPACK buffer type, which llama.cpp uses for Q4_0
+    (interleaved 8x8 blocks: about 20% faster prefill here). So, once per process before any model is
+    loaded, this removes AMX from the list of extra buffer types the CPU backend hands to llama.cpp
+    (a static, NULL-terminated array: the entries after AMX move up one place); CPU_REPACK stays.
+    Set PLEXUS_BENCH_LLAMACPP_AMX=1 to keep AMX (a llama.cpp build with the fix).
+    """
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    try:
+        lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        ggml = ctypes.CDLL(os.path.join(lib_dir, "libggml.so"))
+        base = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"))
+        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        base.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+        base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+        base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+        base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        base.ggml_backend_buft_name.restype = ctypes.c_char_p
+        base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+        device = ggml.ggml_backend_dev_by_type(0)                  # GGML_BACKEND_DEVICE_TYPE_CPU
+        get = base.ggml_backend_reg_get_proc_address(base.ggml_backend_dev_backend_reg(device),
+                                                     b"ggml_backend_dev_get_extra_bufts")
+        if not device or not get:
+            return None
+        bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(get)(device)
+        entries = []
+        while bufts and bufts[len(entries)]:
+            entries.append(bufts[len(entries)])
+        names = [base.ggml_backend_buft_name(b).decode() for b in entries]
+        if os.environ.get("PLEXUS_BENCH_LLAMACPP_AMX") != "1" and "AMX" in names:
+            kept = [b for b, name in zip(entries, names) if name != "AMX"]
+            for i in range(len(entries)):
+                bufts[i] = kept[i] if i < len(kept) else None
+            _AMX_REMOVED.append("AMX")
+            names = [n for n in names if n != "AMX"]
+        return names
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- helpers
 
 def _result(requests: Sequence[Request], wall: float, timings: list[RequestTiming],
@@ -316,18 +393,25 @@ System = PlexusSystem | HFSystem | LlamaCppSystem
 
 
 def load_system(name: str, model_path: str, max_concurrency: int, seq_len: int,
-                kv_unified: bool = False) -> System:
-    """Build a system and warm it up (one short request: first-call allocations, kernel selection).
+                kv_unified: bool = False, kv_cache_space: float | None = None) -> System:
+    """Build a system (common.SPECS[name]) and warm it up (one short request: first-call allocations,
+    kernel selection).
 
-    kv_unified only concerns llama.cpp (see LlamaCppSystem).
+    kv_unified only concerns llama.cpp (see LlamaCppSystem), kv_cache_space (GiB) only plexus
+    (common.kv_cache_space_gib; its cache is then written once, PlexusSystem.touch_kv_cache; None:
+    plexus's default, left lazily mapped).
     """
-    from common import HF, LLAMACPP_BF16, LLAMACPP_Q8_0, PLEXUS
+    from common import SPECS
 
-    if name == PLEXUS:
-        system: System = PlexusSystem(model_path, max_num_seqs=max_concurrency)
-    elif name == HF:
+    spec = SPECS[name]
+    if spec.engine == "plexus":
+        extra = {} if kv_cache_space is None else {"kv_cache_space": kv_cache_space}
+        system: System = PlexusSystem(model_path, max_num_seqs=max_concurrency, **spec.engine_args, **extra)
+        if kv_cache_space is not None:      # a cache sized to the work: make it resident (4 GiB would not be)
+            system.settings["kv_cache_touched_mib"] = system.touch_kv_cache()
+    elif spec.engine == "hf":
         system = HFSystem(model_path)
-    elif name in (LLAMACPP_BF16, LLAMACPP_Q8_0):
+    elif spec.engine == "llamacpp":
         system = LlamaCppSystem(model_path, n_seq_max=max_concurrency, seq_len=seq_len, kv_unified=kv_unified)
     else:
         raise ValueError(f"unknown system {name!r}")
