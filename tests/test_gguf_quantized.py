@@ -138,7 +138,8 @@ def test_bundled_q4_1_model_keeps_its_blocks_and_greedy_matches_the_dequantized_
     values = sum(layer.input_size * sum(layer.output_sizes) for layer in decoder)
     assert sum(layer.qweight.numel() for layer in decoder) == values // 2
     assert sum(layer.gguf_scales.numel() + layer.gguf_offsets.numel() for layer in decoder) == values // 16
-    assert not model.lm_head.method.quantized   # tied to the dequantized embedding
+    # The head runs in the embedding's stored type, Q8_0 (the embedding itself is dequantized for lookups).
+    assert model.lm_head.gguf_packed == 8 and not model.tie_word_embeddings
 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     # One thread: a step runs thousands of small dequantizing ops, and on a shared machine each of their

@@ -14,6 +14,7 @@ from plexus.envs import cache_dir
 from plexus.model_files.gguf import bundled_gguf_path
 from plexus.models.quantization import packed
 from plexus.models.quantization.gguf import repack
+from plexus.platforms import host
 from plexus.platforms.cpu import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.load(cache_dir()), reason="the CPU kernels could not be built here")
@@ -36,7 +37,9 @@ def _rounded_activations(x: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     blocks = x.float().reshape(m, k // 32, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    # 127 / amax correctly rounded as C++ divides (torch's scalar / tensor multiplies by a reciprocal, a ulp
+    # off at times, which moves a value across a rounding boundary now and then)
+    inv = torch.where(amax > 0, (127 / amax.double()).float(), torch.zeros_like(amax))
     return (torch.round(blocks * inv).double() * (amax / 127).double()).reshape(m, k)
 
 
@@ -153,3 +156,84 @@ def test_fused_int8_decode_equals_the_layer_by_layer_path(smollm_dir):
     llm = LLM(model=str(smollm_dir), quantization="int8", dtype="bfloat16", max_model_len=512, kv_cache_space=0.05)
     fused, layered = _fused_and_layered(llm)
     assert fused == layered
+
+
+def test_the_bundled_model_runs_as_stored_by_default_and_dequantized_with_a_dtype():
+    from plexus import EngineArgs
+
+    native = VNNI and host.cpu_has_bf16()
+    config = EngineArgs(max_model_len=512).create_engine_config()
+    assert config.quantization == ("gguf" if native else None)
+    assert EngineArgs(max_model_len=512, dtype="bfloat16").create_engine_config().quantization is None
+    assert EngineArgs(model=str(bundled_gguf_path()), max_model_len=512).create_engine_config().quantization == \
+        config.quantization
+
+
+def _decode_scores(llm, hf_model, prompts, new_tokens=48):
+    """Greedy decode through llm; per generated position: whether HF fp32 (teacher-forced on the same
+    tokens) puts the same token first, and |llm's logprob - HF's logprob| of it."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    agree, errors = [], []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        ids = out.prompt_token_ids + list(out.outputs[0].token_ids)
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        start = len(out.prompt_token_ids)
+        for i, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+            ref = logprobs[start + i - 1]
+            agree.append(int(ref.argmax()) == token)
+            errors.append(abs(entry[token].logprob - ref[token].item()))
+    return sum(agree) / len(agree), torch.tensor(errors)
+
+
+# Measured (2-core Xeon, 8 prompts x 48 greedy decode steps): the bundled Q4_1 file run as stored (bf16
+# activations rounded to int8 per 32 in the decode kernel, the head in the embedding's Q8_0) against HF fp32
+# on the same dequantized weights: top-1 agreement 97.4%, |d logprob| mean 0.038 max 0.28; the dequantized
+# bf16 model: 97.7% / 0.024 / 0.23; int8 on load: 96.4% / 0.049 / 0.55. The bounds leave 2x room or more.
+@pytest.mark.skipif(not VNNI, reason="without the VNNI kernel the packed weights take torch's exact paths")
+def test_native_q4_1_decode_stays_within_measured_bounds_of_hf(native_q4_1, hf_smollm):
+    agreement, errors = _decode_scores(native_q4_1, hf_smollm, PROMPTS)
+    print(f"\nnative Q4_1 bf16 decode vs HF fp32 over {len(errors)} positions: top-1 agreement {agreement:.1%}, "
+          f"|d logprob| mean {errors.mean():.4f} max {errors.max():.4f}")
+    assert len(errors) == 8 * 48
+    assert agreement >= 0.94
+    assert errors.mean() < 0.1
+    assert errors.max() < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_rows_and_scale_rows_are_their_torch_formulas(dtype):
+    from plexus.models.quantization.int8 import quantize_per_token
+
+    x = (torch.randn(37, 576) * torch.rand(37, 1) * 4).to(dtype)
+    q, scale = torch.ops.plexus.quantize_rows(x)
+    ref_q, ref_scale = quantize_per_token(x)
+    assert q.dtype == torch.uint8 and scale.shape == (37, 1)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    assert (q.int() - 128 - ref_q.int()).abs().max() <= 1      # a value halfway between two steps may differ
+    assert (q.int() - 128 != ref_q.int()).float().mean() < 1e-3
+    y, bias = torch.randn(37, 300), torch.randn(300)
+    out = torch.ops.plexus.scale_rows(y, scale, bias, dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), (y * scale + bias).to(dtype).float(), rtol=1e-2 if dtype == torch.bfloat16
+                               else 1e-6, atol=1e-5)
+
+
+def test_w8a8_on_onednn_prepacked_weights_is_int8_activations_per_token_times_the_int8_weight():
+    from plexus.models.quantization.int8 import quantize_per_token
+    from plexus.platforms.cpu.ops import CpuModelOps
+
+    ops = CpuModelOps()
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (96, 576), generator=g).to(torch.int8)
+    weight_scale, bias = torch.rand(96, generator=g) * 0.01, torch.randn(96, generator=g)
+    packed = ops.pack_int8_weight(weight)
+    if packed is None:
+        pytest.skip("this torch has no onednn::qlinear_prepack")
+    x = torch.randn(40, 576, generator=g)
+    q, x_scale = quantize_per_token(x)
+    expected = (q.double() @ weight.double().T) * x_scale.double() * weight_scale.double() + bias.double()
+    got = ops.w8a8_linear(x, packed, weight_scale, bias)
+    # a value halfway between two steps may round the other way: one step of one input, at most
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=3e-2)
+    assert ops.w8a8_linear(x.bfloat16(), packed, weight_scale, bias).dtype == torch.bfloat16

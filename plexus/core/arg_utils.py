@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+
+logger = logging.getLogger("plexus")
 
 @dataclass
 class EngineArgs:
@@ -130,6 +133,10 @@ class EngineArgs:
                              f"{platform.name} platform")
         hub = model_files.HubOptions(cache_dir=Path(self.download_dir) if self.download_dir else env.hub_cache_dir,
                                      offline=env.hub_offline)
+        if self._runs_gguf_natively(platform, env):
+            logger.info("Running the GGUF file's quantized weights as stored (quantization='gguf'); set dtype= "
+                        "to run it dequantized")
+            return dataclasses.replace(self, quantization="gguf").create_engine_config()
         model_dir = model_files.resolve_model_dir(self.model, env.cache_dir, hub, self.revision, self.quantization)
         tokenizer_dir = None
         if self.tokenizer is not None and not self.skip_tokenizer_init:
@@ -195,6 +202,20 @@ class EngineArgs:
         )
         platform.check_and_update_config(config)
         return config
+
+    def _runs_gguf_natively(self, platform, env) -> bool:
+        """quantization and dtype unset, a GGUF file (the bundled model by default) whose linear weights are all
+        Q8_0 / Q4_0 / Q4_1, and a platform on which they decode faster as stored than dequantized."""
+        if self.quantization is not None or self.dtype != "auto" or self.load_format not in ("auto", "gguf"):
+            return False
+        if self.model is None:
+            path = model_files.bundled_gguf_path()
+        elif str(self.model).endswith(".gguf") and Path(self.model).is_file():
+            path = Path(self.model)
+        else:
+            return False
+        return "gguf" in platform.supported_quantizations and platform.runs_gguf_natively(env) and \
+            model_files.runs_natively_by_default(path)
 
     def _lora_config(self, platform) -> LoRAConfig | None:
         if not self.enable_lora:

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 logger = logging.getLogger("plexus")
 
 # Bump when the layout of a converted directory changes, so old caches are not reused.
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2     # 2: quantized mode writes a tied head in its GGUF type (lm_head.qweight)
 
 # Shards are flushed at this size so converting a large model never holds all
 # of its float32 weights in memory at once.
@@ -166,11 +166,18 @@ def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path, quantized: boo
     config.architectures = [_MODEL_TYPE_TO_ARCHITECTURE[config.model_type]]
     file_type = _read_field(reader, "general.file_type")
     config.dtype = _FILE_TYPE_TO_DTYPE.get(file_type, "float16")
+    head_rows = False
     if quantized:
         config.quantization_config = {"quant_method": "gguf"}
         if getattr(config, "tie_word_embeddings", False):
-            # The head is the embedding, which stays dequantized.
-            config.quantization_config["modules_to_not_convert"] = ["lm_head"]
+            if _embedding_type(reader) in _QUANTIZED_HEAD_TYPES:
+                # The head runs in the embedding's stored type (its rows written again as lm_head.qweight);
+                # the embedding itself stays dequantized for lookups. So they are no longer one tensor.
+                config.tie_word_embeddings = False
+                head_rows = True
+            else:
+                # The head is the embedding, which stays dequantized.
+                config.quantization_config["modules_to_not_convert"] = ["lm_head"]
     config.save_pretrained(out_dir)
     transformers.GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
@@ -179,7 +186,11 @@ def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path, quantized: boo
     )
     tokenizer.save_pretrained(out_dir)
 
-    _write_weights(reader, config, _ARCHITECTURES[architecture], out_dir, quantized)
+    _write_weights(reader, config, _ARCHITECTURES[architecture], out_dir, quantized, head_rows)
+
+
+def _embedding_type(reader) -> gguf.GGMLQuantizationType | None:
+    return next((t.tensor_type for t in reader.tensors if t.name == "token_embd.weight"), None)
 
 
 def _read_field(reader: gguf.GGUFReader, key: str):
@@ -202,12 +213,31 @@ def _check_quantized_types(reader, gguf_path: pathlib.Path) -> None:
             )
 
 
+# Embedding types a tied head runs in as stored in quantized mode (the types the packed integer kernel runs).
+_QUANTIZED_HEAD_TYPES = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
+                         gguf.GGMLQuantizationType.Q4_1)
+
+
+def runs_natively_by_default(gguf_path) -> bool:
+    """Whether every linear weight of the file is a type the packed integer kernels run as stored (Q8_0,
+    Q4_0, Q4_1): such a file, given with quantization and dtype unset, runs quantized (EngineArgs), where
+    other types run faster dequantized."""
+    from plexus.models.quantization.gguf import PACKABLE_TYPES
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    linear = [t for t in reader.tensors if t.name not in _IGNORED_TENSORS and _is_linear_weight(_hf_name(t.name))
+              and t.name != "token_embd.weight"]
+    return bool(linear) and all(t.tensor_type in PACKABLE_TYPES for t in linear)
+
+
 def _is_linear_weight(hf_name: str) -> bool:
     match = re.fullmatch(r"(?:model\.layers\.\d+\.)?(.+)\.weight", hf_name)
     return match is not None and match.group(1) in _LINEAR_MODULES
 
 
-def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path, quantized: bool = False) -> None:
+def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path, quantized: bool = False,
+                   head_rows: bool = False) -> None:
+    """head_rows: also write token_embd's rows as they are stored, as the (untied) lm_head's."""
     shard_names: list[list[str]] = []  # tensor names of each shard written so far
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = 0
@@ -237,6 +267,11 @@ def _write_weights(reader, config, permuted_qk: bool, out_dir: pathlib.Path, qua
         else:
             shard[name] = torch.from_numpy(weight)
         shard_bytes += weight.nbytes
+        if head_rows and tensor.name == "token_embd.weight":
+            rows = np.array(tensor.data).view(np.uint8)
+            shard["lm_head.qweight"] = torch.from_numpy(np.ascontiguousarray(rows.reshape(rows.shape[0], -1)))
+            shard["lm_head.qweight_type"] = torch.tensor(int(tensor.tensor_type), dtype=torch.int32)
+            shard_bytes += rows.nbytes
     _save_shard(shard, shard_names, out_dir)
 
     if len(shard_names) == 1:

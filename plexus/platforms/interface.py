@@ -57,6 +57,12 @@ class Platform:
     def max_tensor_parallel_size(self) -> int:
         return 1
 
+    def runs_gguf_natively(self, env) -> bool:
+        """Whether a GGUF file of Q8_0 / Q4_0 / Q4_1 weights, given with quantization and dtype unset, runs as
+        stored (quantization='gguf') because that is faster here than the dequantized model (env: the
+        engine's plexus.envs.Environment)."""
+        return False
+
     def check_and_update_config(self, config: EngineConfig) -> None:
         """Fix or refuse settings the device can't serve. Raise ValueError
         naming the setting and what is allowed."""

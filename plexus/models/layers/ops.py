@@ -33,6 +33,16 @@ class ModelOps:
         runs its own path."""
         return None
 
+    def pack_int8_weight(self, weight: torch.Tensor) -> object:
+        """An int8 weight [N, K] in a layout w8a8_linear runs, or None (then w8a8_linear is never asked)."""
+        return None
+
+    def w8a8_linear(self, x: torch.Tensor, packed: object, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x rounded to int8 per token (scale max|x| / 127), times the int8 weight packed by pack_int8_weight
+        with its per-channel weight_scale, + bias; None where this platform does not run x's shape."""
+        return None
+
     def pack_weight(self, weight: torch.Tensor) -> object:
         """A copy of an unquantized weight [N, K] in a layout linear() runs faster on, or None."""
         return None

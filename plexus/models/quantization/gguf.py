@@ -140,6 +140,7 @@ SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_DEQUANTIZERS)
 
 # Types whose blocks map exactly onto the packed integer form (their bits), repacked once at load.
 _PACKABLE = {GGMLQuantizationType.Q8_0: 8, GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4}
+PACKABLE_TYPES = tuple(_PACKABLE)
 
 
 def repack(data: torch.Tensor, ggml_type: int) -> PackedInt:

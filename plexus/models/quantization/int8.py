@@ -3,7 +3,10 @@
 - `int8` (W8A16): quantize a full-precision checkpoint on load, the decoder layers' matmuls as
   neuron_quant does (the same code: NeuronQuantLinearMethod with s8), activations in the compute dtype;
 - `w8a8`: the same weights, and the activations quantized to int8 per token (dynamically) for an int8 x int8
-  matmul with int32 accumulation (torch._int_mm), rescaled by both scales;
+  matmul with int32 accumulation, rescaled by both scales: on the platform's int8 matmul where it has one
+  (ModelOps.w8a8_linear: the CPU's oneDNN, AMX where present, on weights prepacked at the first long step),
+  else torch._int_mm; decode-sized steps take the platform's integer decode kernel (ModelOps.int_linear),
+  which rounds activations per block of 32 inputs rather than per token;
 - compressed-tensors' int-quantized checkpoints (`weight` int8, `weight_scale` [out, 1] or per tensor,
   activations dynamic per token, static per tensor with `input_scale`, or none), through Int8LinearMethod."""
 from __future__ import annotations
@@ -104,19 +107,17 @@ class Int8LinearMethod(LinearMethod):
         if not torch.isfinite(scale).all() or bool((scale < 0).any()):
             raise ValueError(f"{self.prefix}: int8 weight scales must be non-negative and finite")
         layer.weight_scale = nn.Parameter(scale.contiguous(), requires_grad=False)
-        if self.activations is not None:
-            layer.weight_t = nn.Parameter(layer.weight.detach().T.contiguous(), requires_grad=False)
-            del layer.weight
         if self.activations == "static":
             layer.input_scale_max = nn.Parameter(layer.input_scale.detach().max().reshape(()), requires_grad=False)
             del layer.input_scale
 
     def dequantize(self, layer: LinearLayer) -> torch.Tensor:
-        w = layer.weight if self.activations is None else layer.weight_t.T
-        return w.float() * layer.weight_scale[:, None]
+        return layer.weight.float() * layer.weight_scale[:, None]
 
     def packed_int(self, layer: LinearLayer):
-        return NeuronQuantLinearMethod.packed_int(self, layer) if self.activations is None else None
+        """Weight-only and dynamic W8A8 layers: the int8 weight as it is. (Decode-sized steps then round the
+        activations per block of 32 inputs in the kernel rather than per token: finer, so no less accurate.)"""
+        return NeuronQuantLinearMethod.packed_int(self, layer) if self.activations != "static" else None
 
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         if self.activations is None:
@@ -124,11 +125,20 @@ class Int8LinearMethod(LinearMethod):
         k = layer.local_input_size
         rows = x.reshape(-1, k)
         if self.activations == "dynamic":
+            weight = self.packed_int(layer)
+            out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
+            if out is None:
+                if not hasattr(layer, "int8_packed"):     # packed on the first longer step
+                    layer.int8_packed = layer.ops.pack_int8_weight(layer.weight)
+                if layer.int8_packed is not None:
+                    out = layer.ops.w8a8_linear(x, layer.int8_packed, layer.weight_scale, layer.bias_for_rank())
+            if out is not None:
+                return out
             q, x_scale = quantize_per_token(rows)
         else:
             x_scale = layer.input_scale_max
             q = (rows.float() / x_scale).round_().clamp_(-128, 127).to(torch.int8)
-        y = torch._int_mm(q, layer.weight_t).float() * x_scale * layer.weight_scale
+        y = torch._int_mm(q, layer.weight.t()).float() * x_scale * layer.weight_scale
         y = y.to(x.dtype).view(*x.shape[:-1], -1)
         bias = layer.bias_for_rank()
         return y if bias is None else y + bias

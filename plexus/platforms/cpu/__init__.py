@@ -40,6 +40,14 @@ class CpuPlatform(Platform):
             torch.set_num_threads(len(cores))
             logger.info("Threads bound to cores %s", cores)
 
+    def runs_gguf_natively(self, env) -> bool:
+        """With the VNNI decode kernel (and bf16 activations) the packed weights decode 1.5-2x faster than the
+        dequantized bf16 model (README, Speed); without it they would be slower."""
+        from plexus.platforms.cpu import kernels
+
+        return (env.cpu_kernels and host.cpu_has_bf16() and kernels.load(env.cache_dir)
+                and kernels.fast_quant_linear_available())
+
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return host.lazy_zeros(shape, dtype)
 

@@ -34,6 +34,7 @@ class CpuModelOps(ModelOps):
         # the first decode step (after Platform.finalize_model packed the weights). Whoever sets a layer's
         # delta or method later must clear it (forget_model).
         self._decode_weights_of: dict[int, list | None] = {}
+        self._zeros: dict[int, torch.Tensor] = {}
 
     def forget_model(self, model) -> None:
         self._decode_weights_of.pop(id(model), None)
@@ -66,6 +67,32 @@ class CpuModelOps(ModelOps):
 
     def pack_weight(self, weight):
         return kernels.pack_weight(weight)
+
+    def pack_int8_weight(self, weight):
+        return kernels.pack_int8_weight(weight)
+
+    def w8a8_linear(self, x, packed, weight_scale, bias=None):
+        """oneDNN's int8 matmul (AMX where the CPU has it) on the prepacked weight: the activations as uint8
+        q + 128 with a unit scale, so each token keeps its own scale, applied after with the bias."""
+        if packed is None or not _cpu(x) or x.dtype not in (torch.bfloat16, torch.float32) \
+                or torch.compiler.is_compiling():
+            return None
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        q, scale = torch.ops.plexus.quantize_rows(rows)
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, weight_scale, self._zero_points(weight_scale),
+                                               None, 1.0, 0, torch.float32, "none", [], "")
+        out = torch.ops.plexus.scale_rows(y, scale, bias, x.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _zero_points(self, weight_scale):
+        """oneDNN wants per-channel weight zero points beside the scales: zeros, one tensor per size."""
+        n = weight_scale.shape[0]
+        if n not in self._zeros:
+            self._zeros[n] = torch.zeros(n, dtype=torch.int64)
+        return self._zeros[n]
 
     def rms_norm(self, x, weight, eps):
         if _cpu(x) and x.is_contiguous() and x.dtype == weight.dtype:

@@ -112,6 +112,14 @@ FAST_LINEAR_MAX_ROWS_UNPACKED = 16
 PACK_BATCH_HINT = 64
 
 
+def pack_int8_weight(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
+    """int8 weight [N, K] prepacked for oneDNN's int8 matmul (onednn::qlinear_pointwise), or None where torch
+    has no such op."""
+    if weight.device.type != "cpu" or weight.dtype != torch.int8 or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return None
+    return torch.ops.onednn.qlinear_prepack(weight, [rows_hint, weight.shape[1]])
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [N, K] in oneDNN's blocked layout, for linear() on more rows than the GEMV serves."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
@@ -130,6 +138,14 @@ def _register_fake_impls() -> None:
     @lib.register_fake("plexus::linear_quant")
     def _(x, qweight, scales, offsets, bias, bits, scalar):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @lib.register_fake("plexus::quantize_rows")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(x.shape[0], 1, dtype=torch.float32)
+
+    @lib.register_fake("plexus::scale_rows")
+    def _(y, scale, bias, out_dtype):
+        return y.new_empty(y.shape, dtype=out_dtype)
 
     @lib.register_fake("plexus::rms_norm")
     def _(x, w, eps):

@@ -59,6 +59,9 @@ bool has_fast_quant_linear();
 at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t bits,
                         bool scalar);
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x);
+at::Tensor scale_rows(const at::Tensor& y, const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype);
 // elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);

@@ -10,6 +10,7 @@ namespace plexus {
 // repacking), and each row is used for all M rows of x while it sits in L1.
 // ---------------------------------------------------------------------------
 constexpr int kMTile = 4;    // x rows per register tile
+constexpr int64_t kPrefetch = 8192;   // bytes ahead of the weights being read
 
 #if defined(__AVX512BF16__)
 // Dot products of one weight row with MT rows of x. Two accumulators per x row
@@ -20,6 +21,9 @@ inline void dot_row(const bf16* x, int64_t ldx, const bf16* w, int64_t K, OutT* 
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
+    // the weights kPrefetch bytes ahead (see quant_linear.cpp)
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch + 64, _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
     for (int m = 0; m < MT; ++m) {
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], as_bh(_mm512_loadu_si512(x + m * ldx + k)), as_bh(w0));

@@ -70,6 +70,8 @@ TORCH_LIBRARY(plexus, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, bool out_fp32) -> Tensor");
   m.def("has_fast_quant_linear() -> bool", has_fast_quant_linear);
   m.def("linear_quant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias, int bits, bool scalar) -> Tensor");
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("scale_rows(Tensor y, Tensor scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -86,6 +88,8 @@ TORCH_LIBRARY(plexus, m) {
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
   m.impl("linear_bf16", linear_bf16);
   m.impl("linear_quant", linear_quant);
+  m.impl("quantize_rows", quantize_rows);
+  m.impl("scale_rows", scale_rows);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);

@@ -25,6 +25,7 @@ namespace plexus {
 namespace {
 
 constexpr int64_t kXBlock = 32;   // inputs per activation scale
+constexpr int64_t kPrefetch = 4096;   // how far ahead of the weights being read to prefetch, in bytes
 
 struct QArgs {
   int64_t M, N, K, G, gs, bits;
@@ -125,19 +126,51 @@ inline void row_vnni_tile(const uint8_t* w, int64_t row_bytes, int64_t n, int64_
   const float* xs16 = a.xscale16 + m0 * J * 16;
   __m512 acc[MT * NT];
   for (int i = 0; i < MT * NT; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < J; ++j) {
-    __m512i wv[NT];
-    __m512 sw[NT];
-    for (int t = 0; t < NT; ++t) {
-      wv[t] = weights64<BITS>(w + (n + t) * row_bytes, j);
-      sw[t] = block_scales(a.scales + (n + t) * a.G, j, bpg);
-    }
-    for (int m = 0; m < MT; ++m) {
-      const __m512i xv = _mm512_loadu_si512(xq + m * K + j * 64);
-      const __m512 xs = _mm512_loadu_ps(xs16 + (m * J + j) * 16);
+  if (bpg >= 2) {
+    // Groups of several blocks (per-channel int8 is one group): each block's sum scaled by its x scale into a
+    // per-group accumulator, which the group's weight scale multiplies once.
+    for (int64_t g = 0; g < a.G; ++g) {
+      __m512 part[MT * NT];
+      for (int i = 0; i < MT * NT; ++i) part[i] = _mm512_setzero_ps();
+      for (int64_t j = g * bpg; j < (g + 1) * bpg; ++j) {
+        __m512i wv[NT];
+        for (int t = 0; t < NT; ++t) {
+          // Ask for the weights kPrefetch bytes ahead: the hardware prefetcher alone leaves the core waiting
+          // on memory between its bursts of arithmetic (measured: 14 against 19 GB/s over SmolLM2's layers).
+          _mm_prefetch(reinterpret_cast<const char*>(w + (n + t) * row_bytes + j * (BITS * 8)) + kPrefetch,
+                       _MM_HINT_T0);
+          wv[t] = weights64<BITS>(w + (n + t) * row_bytes, j);
+        }
+        for (int m = 0; m < MT; ++m) {
+          const __m512i xv = _mm512_loadu_si512(xq + m * K + j * 64);
+          const __m512 xs = _mm512_loadu_ps(xs16 + (m * J + j) * 16);
+          for (int t = 0; t < NT; ++t)
+            part[m * NT + t] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[t], xv)), xs, part[m * NT + t]);
+        }
+      }
       for (int t = 0; t < NT; ++t) {
-        const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[t], xv));
-        acc[m * NT + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, xs), sw[t], acc[m * NT + t]);
+        const __m512 sw = _mm512_set1_ps(a.scales[(n + t) * a.G + g]);
+        for (int m = 0; m < MT; ++m) acc[m * NT + t] = _mm512_fmadd_ps(part[m * NT + t], sw, acc[m * NT + t]);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < J; ++j) {
+      __m512i wv[NT];
+      __m512 sw[NT];
+      for (int t = 0; t < NT; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + t) * row_bytes + j * (BITS * 8)) + kPrefetch,
+                     _MM_HINT_T0);
+        wv[t] = weights64<BITS>(w + (n + t) * row_bytes, j);
+        sw[t] = block_scales(a.scales + (n + t) * a.G, j, bpg);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512i xv = _mm512_loadu_si512(xq + m * K + j * 64);
+        const __m512 xs = _mm512_loadu_ps(xs16 + (m * J + j) * 16);
+        for (int t = 0; t < NT; ++t) {
+          const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[t], xv));
+          acc[m * NT + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, xs), sw[t], acc[m * NT + t]);
+        }
       }
     }
   }
@@ -255,6 +288,97 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& qweight, const at
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n)
         for (int64_t m = 0; m < M; ++m) op[m * N + n] = from_f<OutT>(row_scalar(qw + n * row_bytes, n, m, a));
+    });
+  });
+  return out;
+}
+
+}  // namespace plexus
+
+namespace plexus {
+
+// ---------------------------------------------------------------------------
+// W8A8 for longer steps, around oneDNN's int8 matmul (onednn::qlinear_pointwise on prepacked weights, AMX
+// where the CPU has it): quantize_rows rounds each row of x to int8 with its own scale max|x| / 127 and
+// stores it as uint8 q + 128 (the zero point oneDNN is given); scale_rows multiplies each row of the int32
+// matmul's float result by its scale, adds the bias and casts, in one pass.
+// ---------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "quantize_rows: x must be contiguous [M, K] bf16 or fp32");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
+  PLEXUS_DISPATCH(x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    float* sp = scale.data_ptr<float>();
+    at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* row = xp + m * K;
+        float amax = 0.f;
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        __m512 vmax = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(row + k)));
+        amax = _mm512_reduce_max_ps(vmax);
+#endif
+        for (; k < K; ++k) amax = std::max(amax, std::fabs(to_f(row[k])));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        sp[m] = amax / 127.f;
+        k = 0;
+#if defined(__AVX512F__)
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i offset = _mm512_set1_epi32(128);
+        for (; k + 16 <= K; k += 16) {   // rounds to nearest even, as nearbyint
+          const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(row + k), vinv)), offset);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + k), _mm512_cvtusepi32_epi8(v));
+        }
+#endif
+        for (; k < K; ++k)
+          qp[m * K + k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(to_f(row[k]) * inv)) + 128);
+      }
+    });
+  });
+  return {q, scale};
+}
+
+at::Tensor scale_rows(const at::Tensor& y, const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.scalar_type() == at::kFloat, "scale_rows: y must be fp32 [M, N]");
+  const int64_t M = y.size(0), N = y.size(1);
+  TORCH_CHECK(scale.numel() == M && scale.scalar_type() == at::kFloat, "scale_rows: one fp32 scale per row");
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, y.options().dtype(out_dtype));
+  const float* yp = y.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  PLEXUS_DISPATCH(out_dtype, "scale_rows", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        int64_t n = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          const __m512 s = _mm512_set1_ps(sp[m]);
+          for (; n + 16 <= N; n += 16) {
+            const __m512 b = bp ? _mm512_loadu_ps(bp + n) : _mm512_setzero_ps();
+            _mm512_storeu_ps(op + m * N + n, _mm512_fmadd_ps(_mm512_loadu_ps(yp + m * N + n), s, b));
+          }
+        }
+#endif
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<scalar_t, bf16>) {
+          const __m512 s = _mm512_set1_ps(sp[m]);
+          for (; n + 16 <= N; n += 16) {
+            const __m512 b = bp ? _mm512_loadu_ps(bp + n) : _mm512_setzero_ps();
+            const __m256bh v = _mm512_cvtneps_pbh(_mm512_fmadd_ps(_mm512_loadu_ps(yp + m * N + n), s, b));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + m * N + n), (__m256i)v);
+          }
+        }
+#endif
+        for (; n < N; ++n) op[m * N + n] = from_f<scalar_t>(yp[m * N + n] * sp[m] + (bp ? bp[n] : 0.f));
+      }
     });
   });
   return out;
