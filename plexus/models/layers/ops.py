@@ -27,10 +27,12 @@ class ModelOps:
         """x @ weight.T + bias over the last dim of x. packed: pack_weight(weight), where kept."""
         return F.linear(x, weight, bias)
 
-    def int_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    def int_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                   any_rows: bool = False) -> torch.Tensor | None:
         """x @ w.T + bias for an integer weight in the packed form (plexus.models.quantization.packed.PackedInt),
         where this platform has a kernel for x's shape and dtype; None where it has not, and the layer's method
-        runs its own path."""
+        runs its own path. any_rows: the caller's own path would dequantize the weight, so the kernel should
+        serve steps of any length (not only decode-sized ones)."""
         return None
 
     def pack_int8_weight(self, weight: torch.Tensor) -> object:

@@ -311,7 +311,7 @@ class GGUFLinearMethod(LinearMethod):
         pieces = []
         form = self.packed_int(layer)
         if form is not None:
-            out = layer.ops.int_linear(x2, form, layer.bias_for_rank())
+            out = layer.ops.int_linear(x2, form, layer.bias_for_rank(), any_rows=True)
             if out is not None:
                 return out.view(*x.shape[:-1], layer.local_output_size)
             for start in range(0, form.shape[0], step):

@@ -138,7 +138,7 @@ class _Segment(nn.Module):
         rows = x.shape[0]
         form = self.packed_int()
         if form is not None and ops is not None:
-            out = ops.int_linear(x, form)
+            out = ops.int_linear(x, form, any_rows=self.kind == "packed")   # "packed": else dequantized
             if out is not None:
                 return out
         if self.kind == "int4pack" and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT4PACK_MAX_ROWS:

@@ -47,15 +47,29 @@ void quantize_x(const XT* x, int64_t M, int64_t K, int64_t G, int8_t* xq, float*
     for (int64_t g = 0; g < G; ++g) xgsum[m * G + g] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       const XT* xb = x + m * K + b * kXBlock;
-      float amax = 0.f;
-      for (int64_t i = 0; i < kXBlock; ++i) amax = std::max(amax, std::fabs(to_f(xb[i])));
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* qb = xq + m * K + b * kXBlock;
+      float amax = 0.f, d, inv;
       int32_t qsum = 0;
+#if defined(__AVX512F__)
+      const __m512 v0 = load16(xb), v1 = load16(xb + 16);
+      amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      d = amax / 127.f;
+      inv = amax > 0.f ? 127.f / amax : 0.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(q0));   // rounds to nearest even
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(q1));
+      qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+      for (int64_t i = 0; i < kXBlock; ++i) amax = std::max(amax, std::fabs(to_f(xb[i])));
+      d = amax / 127.f;
+      inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t i = 0; i < kXBlock; ++i) {
         const int32_t q = static_cast<int32_t>(std::nearbyint(to_f(xb[i]) * inv));
-        xq[m * K + b * kXBlock + i] = static_cast<int8_t>(q);
+        qb[i] = static_cast<int8_t>(q);
         qsum += q;
       }
+#endif
       xscale[m * blocks + b] = d;
       xgsum[m * G + (b * kXBlock) / gs] += d * static_cast<float>(qsum);
       if (xscale16)
