@@ -53,13 +53,13 @@ class CpuModelOps(ModelOps):
         return super().linear(x, weight, bias)
 
     def int_linear(self, x, weight, bias=None, any_rows=False):
-        """The VNNI kernel for bf16 steps of up to QUANT_LINEAR_MAX_ROWS tokens, or of any length where the
-        alternative is dequantizing (it beats dequantize-and-matmul up to 512 rows at least: 690 against 785
-        ms for SmolLM2's 4-bit layers, 45 against 365 at 32 rows). It rounds the activations to int8 per block
-        of 32, as llama.cpp does; fp32 models keep their exact paths."""
+        """The VNNI kernel for bf16 steps of up to QUANT_LINEAR_MAX_ROWS tokens, or, where the alternative is
+        dequantizing (any_rows), up to QUANT_LINEAR_MAX_ROWS_VS_DEQUANT. It rounds the activations to int8 per
+        block of 32, as llama.cpp does; fp32 models keep their exact paths."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        limit = kernels.QUANT_LINEAR_MAX_ROWS_VS_DEQUANT if any_rows else kernels.QUANT_LINEAR_MAX_ROWS
         if not (self.fast_quant_linear and x.dtype == torch.bfloat16 and _cpu(x)
-                and 0 < rows and (any_rows or rows <= kernels.QUANT_LINEAR_MAX_ROWS)) or torch.compiler.is_compiling():
+                and 0 < rows <= limit) or torch.compiler.is_compiling():
             return None
         x2 = x.reshape(rows, x.shape[-1])
         if not x2.is_contiguous():

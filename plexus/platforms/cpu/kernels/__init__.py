@@ -104,6 +104,10 @@ def fast_quant_linear_available() -> bool:
 # The quantized GEMV (linear_quant) serves steps of up to this many tokens: above, it reads each weight
 # block once per 4 rows and the methods' own paths (torch's int4/int8 kernels, dequantize-and-matmul) win.
 QUANT_LINEAR_MAX_ROWS = 8
+# Where a layer's alternative is dequantizing its weight (GGUF, odd-shaped groups), the kernel serves up to
+# this many: its cost grows with the rows (SmolLM2's 4-bit layers: 45 ms at 32 rows, 180 at 128), the
+# dequantization's does not (about 230 ms for a 512-token prefill).
+QUANT_LINEAR_MAX_ROWS_VS_DEQUANT = 128
 # The hand-written GEMV serves up to this many rows; above, oneDNN with prepacked weights is faster, and
 # without prepacked weights the GEMV still beats F.linear up to FAST_LINEAR_MAX_ROWS_UNPACKED
 # (both measured in docs/performance.md).
