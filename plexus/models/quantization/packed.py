@@ -10,18 +10,17 @@ so that one decode kernel serves them all.
   GGUF Q4_0 and Q4_1);
 - `scales` fp32 [N, G]; `offsets` fp32 [N, G], or None for symmetric formats.
 
-A platform runs it through ModelOps.int_linear (the CPU platform's VNNI kernel for decode-sized steps; its
-torch reference is `reference_linear` below); for other steps the method runs its own path. The LinearMethods
+A platform runs it through ModelOps.int_linear (the CPU platform's VNNI kernel, which rounds the activations to
+int8 per block of 32 inputs); for other steps the method runs its own path (`dequantize` below, or torch's
+kernels). The LinearMethods
 that can produce the form say so through `LinearMethod.packed_int(layer)`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 BLOCK = 64          # inputs per 4-bit packing block
-X_BLOCK = 32        # inputs per activation scale in the decode kernel
 
 
 @dataclass(frozen=True)
@@ -93,22 +92,3 @@ def dequantize(p: PackedInt, rows: slice | None = None) -> torch.Tensor:
     if p.offsets is not None:
         w += p.offsets[rows, :, None]
     return w.view(v.shape[0], -1)
-
-
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] rounded to int8 per block of 32 inputs (scale max|x| / 127) and back to float32: what the
-    decode kernel multiplies by."""
-    m, k = x.shape
-    blocks = x.float().reshape(m, k // X_BLOCK, X_BLOCK)
-    scale = blocks.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(scale > 0, torch.round(blocks / torch.where(scale > 0, scale, 1)), 0)
-    return (q * scale).reshape(m, k)
-
-
-def reference_linear(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None,
-                     quantized_activations: bool = True) -> torch.Tensor:
-    """What the decode kernel computes, in torch: the activations rounded as quantize_activations (unless
-    quantized_activations=False), times the dequantized weight, in float32, cast to x's dtype."""
-    xf = quantize_activations(x) if quantized_activations else x.float()
-    y = F.linear(xf, dequantize(p), None if bias is None else bias.float())
-    return y.to(x.dtype)
