@@ -13,8 +13,9 @@ For every variant, in a fresh process:
 Variants: plexus in fp32 and bf16 (the baselines); weights quantized on load (int8, w8a8, fp8,
 bitsandbytes NF4); the bundled Q4_1 GGUF kept quantized (quantization="gguf"); checkpoints written by
 `plexus quantize` (RTN, GPTQ, AWQ at W4 group 64, RTN at W8 per channel; made once into the benchmark cache);
-and the peer, llama.cpp, on the BF16 requantization of the bundled file (the same weights as plexus's bf16;
-the llama-cpp-python 0.3.36 build here crashes in llama_decode on every quantized type: Q4_0, Q4_1, Q8_0).
+and the peer, llama.cpp, on the BF16 requantization of the bundled file (the same weights as plexus's bf16).
+llama.cpp on the quantized GGUF types is in latency.py and throughput.py (their LlamaCppSystem takes out the
+AMX buffer type that crashes on them on AMX Xeons, llama.cpp #20824).
 Quantized variants compute in bf16. Ratios are taken against plexus bf16.
 
     .venv/bin/python benchmarks/quantized.py [--variants bf16,fp32,gptq-w4g64] [--quick] [--output-json PATH]
