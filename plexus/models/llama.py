@@ -141,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         if self.embed_delta is not None:
             hidden = hidden + self.embed_delta(input_ids).to(hidden.dtype)
-        if fused and not meta.prefills:
+        if fused and meta.decode is not None and not meta.prefills:
             out = self.ops.decode_layers(self, hidden, positions, kv_caches, meta)
             if out is not None:
                 return out

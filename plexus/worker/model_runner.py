@@ -33,6 +33,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = config.model.vocab_size
         self.use_decode_kernel = attn_backend.decode_reads_block_tables
+        self.use_varlen_kernel = getattr(attn_backend, "prefill_reads_block_tables", False)
         self.sampler = Sampler(model.ops.greedy_sample)
         # The shared generator of unseeded sequences: this worker's own state, seeded from the engine's seed.
         self.generator = torch.Generator(device=device).manual_seed(config.model.seed)
@@ -53,7 +54,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             query_lens=[s.num_tokens for s in seqs], seq_lens=[s.start + s.num_tokens for s in seqs],
             block_ids=[s.block_ids for s in seqs], block_size=self.block_size, device=self.device,
-            use_decode_kernel=self.use_decode_kernel)
+            use_decode_kernel=self.use_decode_kernel, use_varlen_kernel=self.use_varlen_kernel)
         input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         if self.lora is not None:
             for slot, weights in step.lora_loads.items():

@@ -76,19 +76,19 @@ class Worker:
         platform.set_num_threads(config)
         attn_backend = resolve_obj_by_qualname(platform.attention_backend(config))
         self.model = build_model(config, platform, attn_backend)
-        self.num_blocks = self._num_kv_blocks()
-        config.cache.num_blocks = self.num_blocks
         m = config.model
-        # One tensor per layer: [2 (k, v), num_blocks + 1, block_size, num_kv_heads, head_dim]. The extra
-        # block, never handed to the block manager, is scratch for padding rows of compiled graphs.
-        shape = (2, self.num_blocks + 1, config.cache.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
         self.lora = None
-        if config.lora is not None:
+        if config.lora is not None:    # (before the KV cache, whose budget may be what is left on the device)
             from plexus.models.lora import LoRAModel
 
             self.lora = LoRAModel(self.model, config.lora.max_loras, config.lora.max_lora_rank,
                                   config.lora.lora_dtype or m.dtype, self.device)
+        self.num_blocks = self._num_kv_blocks()
+        config.cache.num_blocks = self.num_blocks
+        # One tensor per layer: [2 (k, v), num_blocks + 1, block_size, num_kv_heads, head_dim]. The extra
+        # block, never handed to the block manager, is scratch for padding rows of compiled graphs.
+        shape = (2, self.num_blocks + 1, config.cache.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
         self.runner = ModelRunner(config, self.model, self.kv_caches, self.device, scratch_block=self.num_blocks,
                                   attn_backend=attn_backend, lora=self.lora)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, config.cache.block_size,
@@ -98,13 +98,16 @@ class Worker:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        budget = self.platform.kv_cache_budget_bytes(self.config)
+        budget = self._kv_budget_bytes()
         per_block = kv_bytes_per_block(self.config)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {cache.block_size} tokens "
                              f"({per_block} bytes); raise kv_cache_space or gpu_memory_utilization")
         return num_blocks
+
+    def _kv_budget_bytes(self) -> int:
+        return self.platform.kv_cache_budget_bytes(self.config)
 
     def execute_model(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)

@@ -8,7 +8,11 @@ keys gathered through the block tables, masked to each length; a platform's
 backend may read keys and values straight through the block table instead
 (decode_reads_block_tables, e.g. the CPU platform's C++ kernel). Longer
 chunks run one SDPA call each over their own keys, causal from their first
-new token, so no query is padded to another sequence's length."""
+new token, so no query is padded to another sequence's length. A backend
+whose prefill kernel also reads the block tables (varlen, e.g. the CUDA
+platform's Triton kernel) gets a step with several new tokens anywhere as
+one flat description of every sequence instead (_Varlen), and runs it in one
+launch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,17 +43,31 @@ class _PrefillChunk:
 
 
 @dataclass
+class _Varlen:
+    """Every sequence of a step, in order, for a backend that runs a whole step of mixed prefill chunks and
+    decodes in one kernel launch: sequence s's new tokens are rows query_start_loc[s]:query_start_loc[s+1]
+    of the step, the last of its seq_lens[s] positions, causal from the first of them."""
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    seq_lens: torch.Tensor         # [S] int32
+    block_tables: torch.Tensor     # [S, max_blocks] int32
+    max_query_len: int
+
+
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor        # [T] position of each new token in its sequence
     slot_mapping: torch.Tensor     # [T] cache slot of each new token
     num_tokens: int
     decode: _DecodeGroup | None
     prefills: list[_PrefillChunk]
+    varlen: _Varlen | None = None  # instead of decode and prefills, for a varlen backend
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]],
-              block_size: int, device: torch.device, use_decode_kernel: bool = False) -> AttentionMetadata:
-        """use_decode_kernel: the backend reads decode keys through the block tables itself (no mask)."""
+              block_size: int, device: torch.device, use_decode_kernel: bool = False,
+              use_varlen_kernel: bool = False) -> AttentionMetadata:
+        """use_decode_kernel: the backend reads decode keys through the block tables itself (no mask);
+        use_varlen_kernel: it also runs steps with longer chunks in one call over _Varlen."""
         s_lens = np.asarray(seq_lens, dtype=np.int64)
         if use_decode_kernel and len(query_lens) == sum(query_lens):
             return cls._build_decode_only(s_lens, block_ids, block_size, device)
@@ -63,6 +81,13 @@ class AttentionMetadata:
         pos = np.arange(num_tokens) - starts[seq_of_token] + (s_lens - q_lens)[seq_of_token]
         slots = tables[seq_of_token, pos // block_size] * block_size + pos % block_size
         positions = torch.from_numpy(pos)
+        if use_varlen_kernel:
+            varlen = _Varlen(
+                query_start_loc=torch.from_numpy(np.append(starts, num_tokens).astype(np.int32)).to(device),
+                seq_lens=torch.from_numpy(s_lens.astype(np.int32)).to(device),
+                block_tables=torch.from_numpy(tables.astype(np.int32)).to(device), max_query_len=int(q_lens.max()))
+            return cls(positions=positions.to(device), slot_mapping=torch.from_numpy(slots).to(device),
+                       num_tokens=num_tokens, decode=None, prefills=[], varlen=varlen)
 
         is_decode = q_lens == 1
         decode = None
@@ -117,6 +142,8 @@ class TorchPagedAttention:
 
     # Whether decode groups need no mask: the backend reads keys through the block tables itself.
     decode_reads_block_tables = False
+    # Whether steps with longer chunks come as one _Varlen description (AttentionMetadata.varlen).
+    prefill_reads_block_tables = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads
