@@ -15,7 +15,7 @@ hookimpl = pluggy.HookimplMarker("plexus")
 
 # Used only when plexus runs from a source tree that was never installed, so
 # its own entry points are not in the environment's metadata.
-_BUILTIN_MODULES = ("plexus.platforms.cpu", "plexus.platforms.neuron")
+_BUILTIN_MODULES = ("plexus.platforms.cpu", "plexus.platforms.cuda", "plexus.platforms.neuron")
 
 
 class PlatformSpec:

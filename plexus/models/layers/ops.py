@@ -45,6 +45,13 @@ class ModelOps:
         with its per-channel weight_scale, + bias; None where this platform does not run x's shape."""
         return None
 
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x times an e4m3 weight [N, K] with per-output-channel fp32 scales, on the device's fp8 matmul: x
+        rounded to e4m3 per token (or on the static input_scale); None where this platform has no fp8 matmul
+        (the method then dequantizes)."""
+        return None
+
     def pack_weight(self, weight: torch.Tensor) -> object:
         """A copy of an unquantized weight [N, K] in a layout linear() runs faster on, or None."""
         return None

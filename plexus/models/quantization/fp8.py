@@ -11,7 +11,9 @@
   the compute dtype here (vLLM's GPU kernels quantize them per token; weight-only is the more accurate).
 - quantization="fp8" on an unquantized checkpoint quantizes on load, per output channel.
 
-The matmul dequantizes a block of rows at a time to the activations' dtype (e4m3 values are exact in bf16)."""
+The matmul dequantizes a block of rows at a time to the activations' dtype (e4m3 values are exact in bf16),
+except on a platform with an fp8 matmul (ModelOps.fp8_linear: the CUDA platform's torch._scaled_mm on GPUs of
+compute capability 8.9+), which rounds the activations to e4m3 per token as vLLM's GPU kernels do."""
 from __future__ import annotations
 
 import math
@@ -151,6 +153,11 @@ class Fp8LinearMethod(LinearMethod):
         return w * scale.repeat_interleave(self.block[1], 1)[:, :w.shape[1]]
 
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
+        if layer.row_scale.dim() == 1:
+            out = layer.ops.fp8_linear(x, layer.weight, layer.row_scale, layer.bias_for_rank(),
+                                       layer.input_scale_max if self.static_activations else None)
+            if out is not None:
+                return out
         if self.static_activations:
             s = layer.input_scale_max
             x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)

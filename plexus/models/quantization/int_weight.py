@@ -7,6 +7,7 @@ column k (k // group_size, or a checkpoint's act-order `g_idx`), s the scales an
 and one matmul serves them all:
 
 - 4 bits: torch's `_weight_int4pack_mm_for_cpu` for bf16/fp16 steps of up to INT4PACK_MAX_ROWS tokens
+  (on a GPU, its CUDA tinygemm `_weight_int4pack_mm` for bf16 steps of any length)
   (no full-precision weight is made; each group's zero point folds into its float offset), when the
   layer's rows are a multiple of 16 and the group size is 32/64/128/256 (a per-channel scale is repeated over groups of the largest of those that divides the
   input). An act-order layer whose groups are not contiguous is run with its input columns permuted, so its
@@ -64,6 +65,11 @@ def contiguous_groups(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | No
     return perm
 
 
+def _cuda_tinygemm(device: torch.device) -> bool:
+    """Whether torch's int4 tinygemm runs on this GPU (bf16 tensor cores: compute capability 8.0+)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 class _Segment(nn.Module):
     """A run of output rows sharing one input permutation, stored for the kernels that run it."""
 
@@ -75,12 +81,18 @@ class _Segment(nn.Module):
         self.perm = None if perm is None else _param(perm)
         self.offsets = None
         int4_group = next((g for g in INT4PACK_GROUP_SIZES if group_size % g == 0 and k % g == 0), None)
-        if bits == 4 and n % 16 == 0 and int4_group is not None and packed.supports(k, int4_group, 4):
+        if (bits == 4 and n % 16 == 0 and int4_group is not None and packed.supports(k, int4_group, 4)
+                and (not q.is_cuda or (_cuda_tinygemm(q.device) and k % 32 == 0))):
             self.kind = "int4pack"
             repeat = group_size // int4_group
             scales, zeros = scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)
             self.group_size = int4_group
-            self.qweight = _param(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            if q.is_cuda:   # torch's CUDA tinygemm layout, from two values per byte (even columns high)
+                u8 = (q[:, ::2].to(torch.uint8) << 4) | q[:, 1::2].to(torch.uint8)
+                inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+                self.qweight = _param(torch._convert_weight_to_int4pack(u8, inner_k_tiles))
+            else:
+                self.qweight = _param(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             # (q - z) * s = (q - 8) * s + (8 - z) * s: torch's kernel's form, [groups, n, 2]
             self.scales_zeros = _param(torch.stack([scales.T, ((8 - zeros) * scales).T], dim=-1).contiguous())
             form = packed.from_unsigned(q, scales, zeros, 4)   # the decode kernel's form (and dequantize's)
@@ -141,11 +153,14 @@ class _Segment(nn.Module):
             out = ops.int_linear(x, form, any_rows=self.kind == "packed")   # "packed": else dequantized
             if out is not None:
                 return out
-        if self.kind == "int4pack" and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT4PACK_MAX_ROWS:
+        if self.kind == "int4pack" and x.is_cuda:
+            if x.dtype == torch.bfloat16:     # tinygemm on the GPU takes bf16 activations only
+                return torch._weight_int4pack_mm(x, self.qweight, self.group_size, self._for("scales_zeros", x.dtype))
+        elif self.kind == "int4pack" and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT4PACK_MAX_ROWS:
             return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size,
                                                      self._for("scales_zeros", x.dtype))
         if self.kind == "int8pack":
-            if rows <= INT8PACK_MAX_ROWS:
+            if rows <= INT8PACK_MAX_ROWS and not x.is_cuda:
                 y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self._for("scales", x.dtype))
             else:   # int8 values are exact in bf16: one cast, the scales after the matmul
                 y = F.linear(x, self.qweight.to(x.dtype)) * self._for("scales", x.dtype)

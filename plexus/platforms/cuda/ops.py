@@ -1,0 +1,62 @@
+"""The model's ops on the CUDA platform: the rotary embedding and the KV-cache write in one Triton kernel,
+W8A8 matmuls on the GPU's int8 tensor cores (torch._int_mm) and fp8 ones on its fp8 tensor cores
+(torch._scaled_mm). Norms, SiLU and dense matmuls stay torch's
+(cuBLAS and fused elementwise kernels, captured into CUDA graphs with the rest of a decode step)."""
+from __future__ import annotations
+
+import torch
+
+from plexus.models.layers.ops import ModelOps
+
+# torch._int_mm on CUDA wants more than 16 rows and both matrix widths a multiple of 8.
+_INT_MM_MIN_ROWS = 17
+FP8_MAX = 448.0
+
+
+class CudaModelOps(ModelOps):
+    def rope_and_cache(self, qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+        from plexus.platforms.cuda import triton_kernels
+
+        if qkv.stride(-1) != 1 or not kv_cache.is_contiguous():
+            return super().rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads,
+                                          head_dim)
+        return triton_kernels.rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads,
+                                             num_kv_heads, head_dim)
+
+    def pack_int8_weight(self, weight: torch.Tensor) -> object:
+        """The int8 weight [N, K] as _int_mm's second operand: [K, N] column-major, a view of it."""
+        n, k = weight.shape
+        return weight.t() if n % 8 == 0 and k % 8 == 0 else None
+
+    def w8a8_linear(self, x, packed, weight_scale, bias=None):
+        """x rounded to int8 per token, int8 x int8 -> int32 on the tensor cores, both scales after."""
+        from plexus.models.quantization.int8 import quantize_per_token
+
+        if packed is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        m = rows.shape[0]
+        q, scale = quantize_per_token(rows)
+        if m < _INT_MM_MIN_ROWS and q.is_cuda:
+            q = torch.nn.functional.pad(q, (0, 0, 0, _INT_MM_MIN_ROWS - m))
+        y = torch._int_mm(q, packed)[:m].float() * scale * weight_scale
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+
+    def fp8_linear(self, x, weight, weight_scale, bias=None, input_scale=None):
+        """torch._scaled_mm on GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper): x rounded to
+        e4m3 per token (or on the static input_scale), the per-channel weight scales applied in the epilogue."""
+        k = x.shape[-1]
+        n = weight.shape[0]
+        if (not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 9) or k % 16 or n % 16
+                or x.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        rows = x.reshape(-1, k).float()
+        if input_scale is None:
+            scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        else:
+            scale = input_scale.float().reshape(1, 1).expand(rows.shape[0], 1)
+        q = (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(q, weight.t(), scale_a=scale.contiguous(), scale_b=weight_scale.view(1, n).float(),
+                             bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+        return y.view(*x.shape[:-1], n)
