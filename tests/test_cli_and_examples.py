@@ -58,3 +58,25 @@ def test_quantized_checkpoint_example_quantizes_serves_and_compares_perplexity(m
     line = next(line for line in out.splitlines() if line.startswith("perplexity: "))
     original, quantized = (float(part.split()[-1]) for part in line.removeprefix("perplexity: ").split(", "))
     assert original < quantized < 2 * original
+
+
+CUDA_EXAMPLE = ROOT / "examples" / "offline_inference_cuda.py"
+
+
+def _run_cuda_example(argv: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(CUDA_EXAMPLE), *argv])
+    runpy.run_path(str(CUDA_EXAMPLE), run_name="__main__")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_example_runs_on_the_gpu(monkeypatch, capsys):
+    _run_cuda_example([], monkeypatch)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Prompt: ")]
+    assert len(lines) == 4 and all(not line.endswith("Generated text: ''") for line in lines)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: the example runs")
+def test_cuda_example_without_a_gpu_says_why(monkeypatch):
+    with pytest.raises(RuntimeError, match=r"device='cuda': (this torch build .* has no CUDA support; install a "
+                                           r"CUDA build of torch|no CUDA GPU is visible)"):
+        _run_cuda_example(["--enforce-eager"], monkeypatch)
