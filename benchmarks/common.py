@@ -6,7 +6,10 @@ installing the peer systems, preparing the model files, machine information,
 prompts made of token ids, running a function in a fresh process, long-lived
 worker processes for interleaved measurements (Worker, Workers), statistics
 over runs (min / median / max, ratios with their spread), result files and
-markdown tables. The systems themselves are in systems.py.
+markdown tables; for --device cuda the GPU systems (CUDA_SYSTEMS), the GPU check,
+its description and copy bandwidth (run in spawned processes: the parent never
+initializes CUDA) and the bytes one decode step reads. The systems themselves
+are in systems.py.
 """
 from __future__ import annotations
 
@@ -55,6 +58,11 @@ LLAMACPP_BF16 = "llamacpp-bf16"
 LLAMACPP_Q8_0 = "llamacpp-q8_0"
 LLAMACPP_Q4_0 = "llamacpp-q4_0"
 LLAMACPP_Q4_1 = "llamacpp-q4_1"
+# --device cuda (latency.py, throughput.py): the same bf16 model on one NVIDIA GPU.
+PLEXUS_CUDA = "plexus-cuda-bf16"               # CUDA graphs for decode steps (plexus's default, as vLLM's)
+PLEXUS_CUDA_EAGER = "plexus-cuda-bf16-eager"   # enforce_eager=True: no CUDA graphs
+HF_CUDA = "hf-cuda-bf16"
+DEVICES = ("cpu", "cuda")
 
 # Model sources (SystemSpec.model): the bundled Q4_1 GGUF converted to an HF directory (dequantized),
 # the bundled Q4_1 GGUF file itself, or a llama.cpp system's name: the GGUF file that system runs.
@@ -67,6 +75,7 @@ class SystemSpec:
     model: str                       # HF_DIR, BUNDLED_GGUF, a llama.cpp system (its file) or "quantized:<variant>"
     engine_args: dict = field(default_factory=dict)     # more LLM() arguments (plexus)
     weights: str = ""                # what the linear layers' weights are, for the tables' legend
+    device: str = "cpu"              # "cpu" or "cuda": the --device it belongs to
 
 
 # Table order: plexus columns, then the peers.
@@ -88,8 +97,14 @@ SPECS: dict[str, SystemSpec] = {
     LLAMACPP_Q8_0: SystemSpec("llamacpp", LLAMACPP_Q8_0, weights="GGUF Q8_0"),
     LLAMACPP_Q4_0: SystemSpec("llamacpp", LLAMACPP_Q4_0, weights="GGUF Q4_0"),
     LLAMACPP_Q4_1: SystemSpec("llamacpp", BUNDLED_GGUF, weights="GGUF Q4_1 (the bundled file)"),
+    PLEXUS_CUDA: SystemSpec("plexus", HF_DIR, {"device": "cuda"}, "bf16; CUDA graphs for decode steps (the default)",
+                            device="cuda"),
+    PLEXUS_CUDA_EAGER: SystemSpec("plexus", HF_DIR, {"device": "cuda", "enforce_eager": True},
+                                  "bf16; eager, no CUDA graphs (enforce_eager=True)", device="cuda"),
+    HF_CUDA: SystemSpec("hf", HF_DIR, weights="bf16; model.to(\"cuda\")", device="cuda"),
 }
-SYSTEMS = tuple(SPECS)
+SYSTEMS = tuple(s for s, spec in SPECS.items() if spec.device == "cpu")           # --device cpu
+CUDA_SYSTEMS = tuple(s for s, spec in SPECS.items() if spec.device == "cuda")     # --device cuda
 
 # For each plexus column, the columns its ratios are taken against, in this order: llama.cpp on the same file /
 # bit width first, then plexus-bf16 (plexus-bf16 itself: llama.cpp BF16 and HF). AWQ and GPTQ have no llama.cpp
@@ -104,6 +119,8 @@ COMPARISONS: dict[str, tuple[str, ...]] = {
     PLEXUS_GPTQ: (LLAMACPP_Q4_0, PLEXUS),
     PLEXUS_GGUF_Q4_0: (LLAMACPP_Q4_0, PLEXUS),
     PLEXUS_GGUF_Q4_1: (LLAMACPP_Q4_1, PLEXUS),
+    PLEXUS_CUDA: (HF_CUDA, PLEXUS_CUDA_EAGER),       # against HF, and with against without CUDA graphs
+    PLEXUS_CUDA_EAGER: (HF_CUDA,),
 }
 
 # llama.cpp file types the bundled Q4_1 GGUF is re-quantized to (llama_ftype values by name).
@@ -179,7 +196,23 @@ def process_memory() -> dict[str, float]:
     except OSError:
         pass
     found.setdefault("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    found.update(cuda_memory())
     return found
+
+
+def cuda_memory() -> dict[str, float]:
+    """This process's GPU memory in MiB, from torch's caching allocator (what torch allocated now and at its
+    peak, and what it reserved from the driver, CUDA graph pools included; the CUDA context and what other
+    libraries take outside torch's allocator are not counted). Empty where this process has not
+    initialized CUDA (every CPU system): it never initializes it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return {}
+    mib = 2**20
+    return {"cuda_allocated_mib": torch.cuda.memory_allocated() / mib,
+            "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / mib,
+            "cuda_reserved_mib": torch.cuda.memory_reserved() / mib,
+            "cuda_max_reserved_mib": torch.cuda.max_memory_reserved() / mib}
 
 
 MIN_AVAILABLE_GIB = 2.0      # Workers loads no further system when less memory than this is available
@@ -294,8 +327,10 @@ class Workers:
                 self.workers[name] = worker
                 self.settings[name] = worker.settings
                 self.memory[name] = {"after_load": worker.memory_after_load}
+                gpu = worker.memory_after_load.get("cuda_reserved_mib")
                 print(f"  ready in {time.perf_counter() - start:.0f} s, RSS "
-                      f"{worker.memory_after_load.get('rss_mib', float('nan')):.0f} MiB", flush=True)
+                      f"{worker.memory_after_load.get('rss_mib', float('nan')):.0f} MiB"
+                      + ("" if gpu is None else f", GPU {gpu:.0f} MiB reserved by torch"), flush=True)
         except BaseException:
             self.stop()
             raise
@@ -370,6 +405,38 @@ def kv_cache_space_gib(model_dir: str | pathlib.Path, tokens: Iterable[int], blo
     blocks = sum(-(-n // block_size) for n in tokens)
     mib = -(-int(blocks * block_size * per_token * KV_MARGIN) // 2**20)      # rounded up to MiB
     return max(mib, 64) / 1024                                                # at least 64 MiB (the warm-up)
+
+
+def decode_step_bytes(model_dir: str | pathlib.Path) -> dict[str, Any]:
+    """What one batch-1 decode step must read from memory, in bf16, from the checkpoint's safetensors headers
+    (the tensors' shapes; the file may store them in another dtype: the converted SmolLM2 is F32) and
+    config.json.
+
+    Assumption: every weight is read once per step, at 2 bytes a parameter. Tied embeddings are one tensor
+    in the checkpoint and are counted once: the lm_head reads all of it, the embedding lookup only one row.
+    The KV cache is not in weight_bytes: kv_bytes_per_token is what each token of context adds.
+    """
+    model_dir = pathlib.Path(model_dir)
+    parameters = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                numel = 1
+                for dim in tensor["shape"]:
+                    numel *= dim
+                parameters += numel
+    if not parameters:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return {"parameters": parameters, "weight_bytes": 2 * parameters,
+            "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+            "kv_bytes_per_token": config["num_hidden_layers"] * 2 * kv_heads * head_dim * 2,
+            "assumption": "every weight read once per step in bf16 (tied embeddings once: the lm_head reads "
+                          "them whole, the embedding lookup one row); KV cache reads counted apart"}
 
 
 def llamacpp_gguf(system: str) -> pathlib.Path:
@@ -522,9 +589,78 @@ def print_machine(info: dict[str, Any]) -> None:
     print(f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, avx512_bf16: "
           f"{'yes' if info['avx512_bf16'] else 'no'}, amx: {'yes' if info['amx_bf16'] else 'no'}, "
           f"{info['threads']} threads per system; {versions}")
+    if "gpu" in info:
+        gpu = info["gpu"]
+        print(f"GPU: {gpu['name']} (compute capability {gpu['capability']}, {gpu['memory_gib']:.1f} GiB, "
+              f"{gpu['multiprocessors']} SMs), CUDA {gpu['cuda']}, driver {gpu.get('driver', 'unknown')}")
     load = info["load_average"][0]
     if load > 0.5:
         print(f"WARNING: 1-minute load average is {load:.2f}; other processes will distort these timings.")
+
+
+# ---------------------------------------------------------------- GPU (--device cuda)
+#
+# CUDA is initialized only in spawned processes (the workers, run_isolated): never in the parent, which
+# spawns them. torch.cuda.is_available() creates no context.
+
+NO_CUDA = "--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)"
+
+
+def require_cuda() -> None:
+    """Exit with one line when no CUDA GPU is visible (checked without initializing CUDA here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA)
+
+
+def gpu_info() -> dict[str, Any]:
+    """The GPU the workers run on (device 0); call it in a spawned process (run_isolated)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    info: dict[str, Any] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                            "memory_gib": props.total_memory / 2**30,
+                            "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda,
+                            "visible_devices": torch.cuda.device_count(),
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    query = "driver_version,clocks.max.sm,clocks.max.memory,power.limit"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        info.update(zip(("driver", "max_sm_clock", "max_memory_clock", "power_limit"),
+                        (v.strip() for v in out.split(","))))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def cuda_copy_bandwidth(gib: float = 1.0, reps: int = 20, warmup: int = 5) -> dict[str, Any]:
+    """The GPU's achievable memory bandwidth: device-to-device copies of a `gib` GiB tensor (torch's copy_,
+    a cudaMemcpy on the device), each timed with CUDA events; bytes read + written / time. Call it in a
+    spawned process (run_isolated). best_gbs (the fastest copy) is what a kernel can reach;
+    median_gbs beside it."""
+    import torch
+
+    n = int(gib * 2**30)
+    src = torch.ones(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(warmup):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    rates = [2 * n / t / 1e9 for t in times]
+    return {"method": f"torch copy_ of a {gib:g} GiB uint8 tensor on the GPU, {reps} reps after {warmup} "
+                      "warm-up, CUDA events; (read + written bytes) / time",
+            "bytes_copied": n, "times_s": times, "best_gbs": max(rates), "median_gbs": median(rates),
+            "device": torch.cuda.get_device_name(0)}
 
 
 # ---------------------------------------------------------------- statistics and reporting
@@ -632,17 +768,25 @@ def ratio_table(found: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: S
     return "\n".join(lines) + "\n\n" + RATIO_LEGEND
 
 
-def memory_table(memory: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Each system's worker process: resident memory after load (and warm-up), after the runs, and its peak."""
+def memory_table(memory: Mapping[str, Mapping[str, Mapping[str, float]]], gpu: bool = False) -> str:
+    """Each system's worker process: resident memory after load (and warm-up), after the runs, and its peak;
+    with gpu, also torch's GPU memory after load and its peaks (process_memory, cuda_memory)."""
     def cell(found: Mapping[str, float] | None, key: str) -> str:
         return f"{found[key]:.0f}" if found and key in found else "n/a"
 
-    lines = ["| system | RSS after load (MiB) | RSS after runs (MiB) | of which file-backed | peak RSS (MiB) |",
-             "|---|---|---|---|---|"]
+    gpu_columns = (("GPU allocated after load (MiB)", "after_load", "cuda_allocated_mib"),
+                   ("GPU peak allocated (MiB)", "last", "cuda_max_allocated_mib"),
+                   ("GPU peak reserved (MiB)", "last", "cuda_max_reserved_mib")) if gpu else ()
+    lines = ["| system | RSS after load (MiB) | RSS after runs (MiB) | of which file-backed | peak RSS (MiB) |"
+             + "".join(f" {title} |" for title, _, _ in gpu_columns),
+             "|---|---|---|---|---|" + "---|" * len(gpu_columns)]
     for system, found in memory.items():
         after = found.get("after_runs")
+        last = after or found.get("after_load")
         lines.append(f"| {system} | {cell(found.get('after_load'), 'rss_mib')} | {cell(after, 'rss_mib')} | "
-                     f"{cell(after, 'rss_file_mib')} | {cell(after or found.get('after_load'), 'peak_rss_mib')} |")
+                     f"{cell(after, 'rss_file_mib')} | {cell(last, 'peak_rss_mib')} |"
+                     + "".join(f" {cell(last if when == 'last' else found.get(when), key)} |"
+                               for _, when, key in gpu_columns))
     return "\n".join(lines)
 
 
@@ -656,24 +800,46 @@ def legend(systems: Iterable[str]) -> str:
 def start(args: argparse.Namespace, systems: Iterable[str] | None = None) -> tuple[int, dict[str, Any], str,
                                                                                    dict[str, str]]:
     """What both benchmarks do first: peers installed, machine recorded, models made (for `systems`,
-    default args.systems). Returns (runs, machine info, HF model dir, model path by system)."""
-    ensure_peers()
+    default args.systems). Returns (runs, machine info, HF model dir, model path by system).
+
+    --device cuda: nothing is installed (llama.cpp is not run; the bench extra's llama-cpp-python is a CPU
+    build, and a GPU machine may have no network), and the GPU is recorded (info["gpu"], from a spawned
+    process: CUDA is never initialized here)."""
+    cuda = getattr(args, "device", "cpu") == "cuda"
+    if not cuda:
+        ensure_peers()
     info = machine_info()
+    if cuda:
+        info["device"] = "cuda"
+        info["gpu"] = run_isolated(gpu_info)
     print_machine(info)
     hf_dir, paths = prepare_models(args.systems if systems is None else systems)
     return args.runs, info, hf_dir, paths
 
 
-def add_common_args(parser: argparse.ArgumentParser, default_runs: int, default_systems: Sequence[str]) -> None:
+GPU_MEMORY_UTILIZATION = 0.5    # --device cuda: the share of the GPU the plexus workers may fill, all together
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_runs: int, default_systems: Sequence[str],
+                    cuda_default_systems: Sequence[str] = CUDA_SYSTEMS) -> None:
     parser.add_argument("--runs", type=int, default=None,
                         help=f"interleaved runs per measurement (default {default_runs}; 1 with --quick)")
-    parser.add_argument("--systems", type=parse_systems, default=list(default_systems),
+    parser.add_argument("--systems", default=None,
                         help=f"comma-separated subset of {', '.join(SYSTEMS)}, or 'all' "
-                             f"(default: {', '.join(default_systems)})")
+                             f"(default: {', '.join(default_systems)}); with --device cuda: of "
+                             f"{', '.join(CUDA_SYSTEMS)} (default: {', '.join(cuda_default_systems)})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings and 1 run: a smoke test, not a measurement")
     parser.add_argument("--output-json", help="where to write the results (default: benchmarks/results/)")
-    parser.set_defaults(default_runs=default_runs)
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="cpu (default): the CPU systems, 2 threads each; cuda: plexus bf16 with CUDA graphs "
+                             "and eager, and HF transformers bf16, on one NVIDIA GPU (results/*_cuda.json)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="--device cuda: the share of the GPU's memory the plexus workers, all loaded at "
+                             f"once, may fill together (default {GPU_MEMORY_UTILIZATION}: the rest is HF's). "
+                             "With n plexus systems each gets 1/n of it (see gpu_memory_shares)")
+    parser.set_defaults(default_runs=default_runs, default_systems=list(default_systems),
+                        cuda_default_systems=list(cuda_default_systems))
 
 
 def resolve_runs(args: argparse.Namespace) -> None:
@@ -684,12 +850,45 @@ def resolve_runs(args: argparse.Namespace) -> None:
         raise SystemExit("--runs must be at least 1")
 
 
-def parse_systems(value: str) -> list[str]:
-    """'plexus-bf16,hf-bf16' -> list; 'all' -> every system."""
+def gpu_memory_shares(systems: Sequence[str], total: float) -> dict[str, float]:
+    """Each plexus CUDA system's gpu_memory_utilization, so that the plexus workers, all loaded at once, fill
+    `total` of the GPU together with KV caches of the same size: total / n each (plexus's setting is per
+    engine, as vLLM V1's: the engine's share of the GPU, which must be free when it starts)."""
+    plexus = [s for s in systems if SPECS[s].engine == "plexus" and SPECS[s].device == "cuda"]
+    return {name: round(total / len(plexus), 4) for name in plexus}
+
+
+def resolve_device(args: argparse.Namespace) -> None:
+    """After parsing: --device cuda needs a visible GPU (one line and exit, else); --systems parsed among
+    the device's systems (default: the script's default for it); --gpu-memory-utilization checked
+    (default GPU_MEMORY_UTILIZATION on cuda) and args.gpu_memory_utilization_by_system set from it
+    (gpu_memory_shares; empty on the CPU)."""
+    cuda = args.device == "cuda"
+    if cuda:
+        require_cuda()
+    if args.systems is None:
+        args.systems = list(args.cuda_default_systems if cuda else args.default_systems)
+    else:
+        args.systems = parse_systems(args.systems, args.device)
+    if args.gpu_memory_utilization is not None:
+        if not cuda:
+            raise SystemExit("--gpu-memory-utilization applies to --device cuda only")
+        if not 0 < args.gpu_memory_utilization <= 1:
+            raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
+    elif cuda:
+        args.gpu_memory_utilization = GPU_MEMORY_UTILIZATION
+    args.gpu_memory_utilization_by_system = gpu_memory_shares(args.systems, args.gpu_memory_utilization) if cuda else {}
+
+
+def parse_systems(value: str, device: str = "cpu") -> list[str]:
+    """'plexus-bf16,hf-bf16' -> list; 'all' -> every system (of that --device)."""
+    choices = SYSTEMS if device == "cpu" else CUDA_SYSTEMS
     if value == "all":
-        return list(SYSTEMS)
+        return list(choices)
     chosen = {s.strip() for s in value.split(",") if s.strip()}
-    unknown = sorted(chosen - set(SYSTEMS))
+    unknown = sorted(chosen - set(choices))
     if unknown:
-        raise SystemExit(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)} or 'all'")
-    return [s for s in SYSTEMS if s in chosen]   # always in table order
+        other = [s for s in unknown if s in SPECS]
+        hint = f" ({', '.join(other)}: --device {SPECS[other[0]].device})" if other else ""
+        raise SystemExit(f"unknown system(s) {unknown}; choose from {', '.join(choices)} or 'all'{hint}")
+    return [s for s in choices if s in chosen]   # always in table order

@@ -4,8 +4,10 @@ Every system takes token ids (no text), decodes greedily and produces exactly
 ``max_tokens`` tokens per request (EOS ignored), with NUM_THREADS threads:
 
 - PlexusSystem: ``plexus.LLM`` with bf16 activations (weights bf16 or quantized,
-  common.SPECS), one ``generate`` call for all requests.
-- HFSystem: transformers ``generate`` in bf16, static left-padded batches.
+  common.SPECS), one ``generate`` call for all requests; on CUDA (--device cuda)
+  with ``device="cuda"`` and the KV cache from ``gpu_memory_utilization``.
+- HFSystem: transformers ``generate`` in bf16, static left-padded batches; on
+  CUDA the model moved to the GPU, the clock stopped after torch.cuda.synchronize().
 - LlamaCppSystem: llama.cpp through llama-cpp-python's low-level API, with a
   small continuous-batching loop (parallel sequences, chunked prefill). Its AMX
   kernels are kept out (see llamacpp_extra_buffer_types): they crash here.
@@ -79,6 +81,22 @@ class PlexusSystem:
                        enable_prefix_caching=False, seed=SEED, **engine_args)
         self.settings = {"dtype": dtype, "max_num_seqs": max_num_seqs, "enable_prefix_caching": False,
                          "detokenize": False, "torch_threads": torch.get_num_threads(), **engine_args}
+        if engine_args.get("device") == "cuda":
+            self.settings.update(self._engine_facts())
+
+    def _engine_facts(self) -> dict[str, Any]:
+        """Where the engine runs and its KV cache (GPU runs: a check that device="cuda" took, and what
+        gpu_memory_utilization gave). Raises if the engine says it runs on another device."""
+        engine = self.llm.llm_engine
+        device = getattr(engine, "device", None)
+        if device is not None and not str(device).startswith("cuda"):
+            raise RuntimeError(f"plexus was asked for device='cuda' but its engine runs on {str(device)!r}")
+        facts: dict[str, Any] = {"engine_device": None if device is None else str(device)}
+        cache = getattr(getattr(engine, "config", None), "cache", None)
+        if cache is not None:
+            facts.update(kv_cache_blocks=getattr(cache, "num_blocks", None),
+                         kv_cache_block_size=getattr(cache, "block_size", None))
+        return facts
 
     def touch_kv_cache(self) -> float | None:
         """Write the (all-zero) KV cache once, so that all of it is resident now and no timed run pays
@@ -99,6 +117,8 @@ class PlexusSystem:
         params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False)
                   for r in requests]
         start = time.perf_counter()
+        # Blocks until every token is on the host (it returns Python objects): on a GPU too, nothing of the
+        # run is still in flight when the clock stops.
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
         _check_lengths(requests, [len(o.outputs[0].token_ids) for o in outputs], "plexus")
@@ -120,18 +140,24 @@ class HFSystem:
     generate() runs a batch until its longest request is done, so each batch
     is generated to its largest max_tokens; only the tokens each request asked
     for count as output. No per-token timestamps (per_request_timing = False).
+
+    device="cuda": the model is moved to the GPU (model.to("cuda")), the inputs too, and every
+    generate() is followed by torch.cuda.synchronize(), so a run's clock stops when the GPU is done.
     """
 
     per_request_timing = False
 
-    def __init__(self, model_dir: str, batch_size: int | None = None) -> None:
+    def __init__(self, model_dir: str, batch_size: int | None = None, device: str = "cpu") -> None:
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(NUM_THREADS)
         transformers.utils.logging.disable_progress_bar()
+        self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        if device != "cpu":
+            self.model.to(device)
         config = self.model.config
         self.eos_id = config.eos_token_id
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else self.eos_id
@@ -141,8 +167,11 @@ class HFSystem:
     def settings(self) -> dict:
         import torch
 
-        return {"dtype": "bfloat16", "attn_implementation": self.model.config._attn_implementation,
-                "batch_size": self.batch_size, "torch_threads": torch.get_num_threads()}
+        found = {"dtype": "bfloat16", "attn_implementation": self.model.config._attn_implementation,
+                 "batch_size": self.batch_size, "torch_threads": torch.get_num_threads()}
+        if self.device != "cpu":
+            found.update(device=self.device, model_device=str(next(self.model.parameters()).device))
+        return found
 
     def run(self, requests: Sequence[Request]) -> RunResult:
         size = self.batch_size or len(requests)
@@ -173,9 +202,13 @@ class HFSystem:
         # min_new_tokens == max_new_tokens masks EOS: exactly new_tokens tokens, greedy.
         config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        if self.device != "cpu":
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          generation_config=config)
+        if self.device != "cpu":
+            torch.cuda.synchronize()       # generate() returns tensors on the GPU, maybe still being computed
         if output.shape[1] != width + new_tokens:
             raise RuntimeError(f"hf: generated {output.shape[1] - width} tokens, expected {new_tokens}")
         return output[:, width:]
@@ -393,24 +426,29 @@ System = PlexusSystem | HFSystem | LlamaCppSystem
 
 
 def load_system(name: str, model_path: str, max_concurrency: int, seq_len: int,
-                kv_unified: bool = False, kv_cache_space: float | None = None) -> System:
+                kv_unified: bool = False, kv_cache_space: float | None = None,
+                gpu_memory_utilization: float | None = None) -> System:
     """Build a system (common.SPECS[name]) and warm it up (one short request: first-call allocations,
     kernel selection).
 
-    kv_unified only concerns llama.cpp (see LlamaCppSystem), kv_cache_space (GiB) only plexus
+    kv_unified only concerns llama.cpp (see LlamaCppSystem), kv_cache_space (GiB) only plexus on the CPU
     (common.kv_cache_space_gib; its cache is then written once, PlexusSystem.touch_kv_cache; None:
-    plexus's default, left lazily mapped).
+    plexus's default, left lazily mapped), gpu_memory_utilization only plexus on CUDA (its KV cache
+    budget there; kv_cache_space is CPU-only and not passed; None: plexus's default, 0.9).
     """
     from common import SPECS
 
     spec = SPECS[name]
-    if spec.engine == "plexus":
-        extra = {} if kv_cache_space is None else {"kv_cache_space": kv_cache_space}
+    if spec.engine == "plexus" and spec.device == "cuda":
+        extra = {} if gpu_memory_utilization is None else {"gpu_memory_utilization": gpu_memory_utilization}
         system: System = PlexusSystem(model_path, max_num_seqs=max_concurrency, **spec.engine_args, **extra)
+    elif spec.engine == "plexus":
+        extra = {} if kv_cache_space is None else {"kv_cache_space": kv_cache_space}
+        system = PlexusSystem(model_path, max_num_seqs=max_concurrency, **spec.engine_args, **extra)
         if kv_cache_space is not None:      # a cache sized to the work: make it resident (4 GiB would not be)
             system.settings["kv_cache_touched_mib"] = system.touch_kv_cache()
     elif spec.engine == "hf":
-        system = HFSystem(model_path)
+        system = HFSystem(model_path, device=spec.device)
     elif spec.engine == "llamacpp":
         system = LlamaCppSystem(model_path, n_seq_max=max_concurrency, seq_len=seq_len, kv_unified=kv_unified)
     else:

@@ -29,11 +29,19 @@ the same requests; HF runs them as one batch of N; interleaved the same way,
 one run per point by default) gives results/throughput.png, for a subset of
 the systems (--sweep-systems).
 
+With --device cuda the systems are plexus bf16 on one NVIDIA GPU with CUDA graphs
+(plexus-cuda-bf16) and without (plexus-cuda-bf16-eager, enforce_eager=True), and
+HF transformers bf16 on the same GPU (hf-cuda-bf16, static batches as above), run
+and reported the same way (the sweep: all three by default); plexus-cuda-bf16 is
+compared with both. Results: results/throughput_cuda.json and throughput_cuda.png.
+
     .venv/bin/python benchmarks/throughput.py [--runs 3] [--systems ...] [--quick] [--no-sweep]
+    .venv/bin/python benchmarks/throughput.py --device cuda [--gpu-memory-utilization 0.6]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import time
 from collections.abc import Sequence
@@ -41,6 +49,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from common import (
+    CUDA_SYSTEMS,
     HF,
     LLAMACPP_BF16,
     LLAMACPP_Q4_1,
@@ -65,6 +74,7 @@ from common import (
     parse_systems,
     random_prompts,
     ratio_table,
+    resolve_device,
     resolve_runs,
     run_stats,
     start,
@@ -79,6 +89,14 @@ DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != HF)
 # The sweep's default systems (those of them that --systems selects): one line per kind of weights.
 DEFAULT_SWEEP_SYSTEMS = (PLEXUS, PLEXUS_INT8, PLEXUS_W8A8, PLEXUS_GGUF_Q4_1, LLAMACPP_BF16, LLAMACPP_Q8_0,
                          LLAMACPP_Q4_1)
+# --device cuda: all three systems, HF included (a GPU runs its batches quickly), in the runs and the sweep.
+DEFAULT_CUDA_SYSTEMS = CUDA_SYSTEMS
+DEFAULT_CUDA_SWEEP_SYSTEMS = CUDA_SYSTEMS
+
+
+def is_hf(name: str) -> bool:
+    """HF transformers (hf-bf16, hf-cuda-bf16): static batches, one configuration per batch size."""
+    return SPECS[name].engine == "hf"
 
 
 @dataclass(frozen=True)
@@ -114,7 +132,7 @@ class Runner:
     """Lives in a system's worker process: the system, loaded for all the requests and warmed up."""
 
     def __init__(self, name: str, model_path: str, requests: list[Request], kv_unified: bool,
-                 kv_cache_space: float) -> None:
+                 kv_cache_space: float | None, gpu_memory_utilization: float | None = None) -> None:
         from systems import load_system
 
         self.requests = requests
@@ -130,7 +148,7 @@ class Runner:
                 self.mode = "sequential, one request at a time (fallback)"
         else:
             self.system = load_system(name, model_path, max_concurrency=len(requests), seq_len=seq_len,
-                                      kv_cache_space=kv_cache_space)
+                                      kv_cache_space=kv_cache_space, gpu_memory_utilization=gpu_memory_utilization)
             self.mode = ("static left-padded batches" if SPECS[name].engine == "hf"
                          else "one LLM.generate() call with all requests")
 
@@ -152,7 +170,7 @@ class Runner:
 
 def batch_sizes(name: str, settings: Settings) -> tuple[int | None, ...]:
     """The configurations a system runs in each round: HF every batch size, the others one (None)."""
-    return settings.hf_batch_sizes if name == HF else (None,)
+    return settings.hf_batch_sizes if is_hf(name) else (None,)
 
 
 def measure(workers: Workers, settings: Settings, runs: int) -> dict[str, dict[str, list[dict]]]:
@@ -175,7 +193,7 @@ def measure(workers: Workers, settings: Settings, runs: int) -> dict[str, dict[s
 
 def best_runs(name: str, by_size: dict[str, list[dict]]) -> tuple[str, list[dict]]:
     """The configuration reported: HF's batch size with the best median output tok/s."""
-    if name != HF:
+    if not is_hf(name):
         return "all", by_size["all"]
     best = max(by_size, key=lambda size: median([run["output_tps"] for run in by_size[size]]))
     return best, by_size[best]
@@ -190,7 +208,7 @@ def sweep(workers: Workers, systems: Sequence[str], settings: Settings, runs: in
     full = str(settings.num_requests)
     reused = set()
     for name in systems:
-        key = full if name == HF else "all"
+        key = full if is_hf(name) else "all"
         if settings.num_requests in settings.sweep and key in main.get(name, {}):
             found[name][full] = [run["output_tps"] for run in main[name][key]]
             reused.add(name)
@@ -201,7 +219,7 @@ def sweep(workers: Workers, systems: Sequence[str], settings: Settings, runs: in
             for name in todo:
                 if name not in workers.alive:
                     continue
-                run = workers.call(name, "run", n, n if name == HF else None)
+                run = workers.call(name, "run", n, n if is_hf(name) else None)
                 if run is not None:
                     found[name].setdefault(str(n), []).append(run["output_tps"])
                     print(f"  {name}: {run['output_tps']:.1f} output tok/s", flush=True)
@@ -239,7 +257,8 @@ def sweep_table(sweeps: dict[str, dict[str, list[float]]], settings: Settings) -
     return "\n".join(lines)
 
 
-def plot_sweep(sweeps: dict[str, dict[str, list[float]]], settings: Settings, path: str) -> None:
+def plot_sweep(sweeps: dict[str, dict[str, list[float]]], settings: Settings, path: str,
+               where: str = "2 threads") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +278,7 @@ def plot_sweep(sweeps: dict[str, dict[str, list[float]]], settings: Settings, pa
     ax.minorticks_off()
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output tokens / s")
-    ax.set_title("SmolLM2-135M-Instruct, 2 threads: output throughput vs concurrency")
+    ax.set_title(f"SmolLM2-135M-Instruct, {where}: output throughput vs concurrency")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -269,25 +288,33 @@ def plot_sweep(sweeps: dict[str, dict[str, list[float]]], settings: Settings, pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, DEFAULT_RUNS, DEFAULT_SYSTEMS)
+    add_common_args(parser, DEFAULT_RUNS, DEFAULT_SYSTEMS, DEFAULT_CUDA_SYSTEMS)
     parser.add_argument("--no-sweep", action="store_true", help="skip the concurrency sweep and its plot")
-    parser.add_argument("--sweep-systems", type=parse_systems, default=list(DEFAULT_SWEEP_SYSTEMS),
+    parser.add_argument("--sweep-systems", default=None,
                         help="the systems of the sweep, among those of --systems; 'all': every one of them "
-                             f"(default: {', '.join(DEFAULT_SWEEP_SYSTEMS)})")
+                             f"(default: {', '.join(DEFAULT_SWEEP_SYSTEMS)}; with --device cuda: "
+                             f"{', '.join(DEFAULT_CUDA_SWEEP_SYSTEMS)})")
     parser.add_argument("--sweep-runs", type=int, default=1, help="interleaved runs per sweep point (default 1)")
     parser.add_argument("--kv-unified", action="store_true",
                         help="llama.cpp: one KV buffer shared by all sequences instead of one per sequence")
     args = parser.parse_args()
     resolve_runs(args)
+    resolve_device(args)
+    cuda = args.device == "cuda"
+    if args.sweep_systems is None:
+        args.sweep_systems = list(DEFAULT_CUDA_SWEEP_SYSTEMS if cuda else DEFAULT_SWEEP_SYSTEMS)
+    else:
+        args.sweep_systems = parse_systems(args.sweep_systems, args.device)
     began = time.perf_counter()
     settings = QUICK if args.quick else Settings()
     sweep_systems = [] if args.no_sweep else [s for s in args.sweep_systems if s in args.systems]
     runs, info, hf_dir, paths = start(args)
     requests = make_requests(settings, vocab_range(hf_dir))
 
-    kv_space = kv_cache_space_gib(hf_dir, [len(r.prompt) + r.max_tokens for r in requests])    # plexus
-    with Workers(args.systems, Runner,
-                 lambda name: (name, paths[name], requests, args.kv_unified, kv_space)) as workers:
+    # plexus's KV cache: on the CPU sized to the work; on CUDA from gpu_memory_utilization (kv_cache_space is CPU-only)
+    kv_space = None if cuda else kv_cache_space_gib(hf_dir, [len(r.prompt) + r.max_tokens for r in requests])
+    with Workers(args.systems, Runner, lambda name: (name, paths[name], requests, args.kv_unified, kv_space,
+                                                     args.gpu_memory_utilization_by_system.get(name))) as workers:
         main_runs = measure(workers, settings, runs)
         sweeps = sweep(workers, sweep_systems, settings, args.sweep_runs, main_runs) if sweep_systems else {}
 
@@ -295,7 +322,7 @@ def main() -> None:
     stats: dict[str, dict] = {}
     for name in args.systems:
         found = main_runs.get(name)
-        if not found or (name != HF and "all" not in found):
+        if not found or (not is_hf(name) and "all" not in found):
             results[name] = {"error": workers.errors.get(name, "no runs")}
             continue
         size, best = best_runs(name, found)
@@ -303,7 +330,7 @@ def main() -> None:
         results[name] = {**{key: value["median"] for key, value in stats[name].items()}, "stats": stats[name],
                          "runs": best, "mode": workers.settings[name]["mode"],
                          "system_settings": workers.settings[name], "memory": workers.memory.get(name)}
-        if name == HF:
+        if is_hf(name):
             results[name].update(mode=f"static batches of {size} (best median of {list(found)})",
                                  batch_size=int(size), by_batch_size={
                                      k: {"stats": {m.key: run_stats(r[m.key] for r in v) for m in METRICS},
@@ -315,23 +342,31 @@ def main() -> None:
             results[name]["error"] = workers.errors[name]
 
     ratios = comparisons(stats, METRICS)
-    hf_computed = median([r["computed_tokens"] for r in results[HF]["runs"]]) if HF in stats else None
+    hf = next((s for s in stats if is_hf(s)), None)
+    hf_computed = median([r["computed_tokens"] for r in results[hf]["runs"]]) if hf else None
+    if cuda:
+        print(f"\nGPU: {info['gpu']['name']}")
     report(stats, ratios, {s: results[s]["mode"] for s in stats}, settings, requests, runs, hf_computed)
-    name = "throughput_quick" if args.quick else "throughput"
+    name = "throughput" + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")
     if sweeps:
         print(f"\n### Output tok/s by concurrent requests ({args.sweep_runs} interleaved run(s) per point; "
               f"N = {settings.num_requests} is the main measurement)\n")
         print(sweep_table(sweeps, settings))
         plot = pathlib.Path(args.output_json).with_suffix(".png") if args.output_json else RESULTS_DIR / f"{name}.png"
-        plot_sweep(sweeps, settings, str(plot))
-        print(f"\nWrote {plot}")
-    print("\n### Resident memory of each system's process\n")
-    print(memory_table(workers.memory))
+        if importlib.util.find_spec("matplotlib") is None:     # --device cuda installs nothing (common.start)
+            print("\nmatplotlib is not installed: no plot (the sweep is in the JSON)")
+        else:
+            plot_sweep(sweeps, settings, str(plot), where=info["gpu"]["name"] if cuda else "2 threads")
+            print(f"\nWrote {plot}")
+    print(f"\n### Resident memory{' and GPU memory' if cuda else ''} of each system's process\n")
+    print(memory_table(workers.memory, gpu=cuda))
     print("\nWeights:\n" + legend(args.systems))
     for system, error in workers.errors.items():
         print(f"\n{system} FAILED:\n{error}")
     payload = {"benchmark": "throughput", "machine": info, "settings": asdict(settings), "runs": runs,
                "sweep_runs": args.sweep_runs, "interleaved": True, "llamacpp_kv_unified": args.kv_unified,
+               **({"device": "cuda", "gpu_memory_utilization": args.gpu_memory_utilization,
+                   "gpu_memory_utilization_by_system": args.gpu_memory_utilization_by_system} if cuda else {}),
                "model_paths": paths, "comparisons": ratios,
                "requests": [{"prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens} for r in requests],
                "results": results}
