@@ -64,11 +64,12 @@ def test_is_available_creates_no_cuda_context():
     assert not torch.cuda.is_initialized()
 
 
-def test_unsupported_quantization_on_cuda_names_what_is():
-    platform = CudaPlatform()
-    assert "bitsandbytes" not in platform.supported_quantizations
-    assert {"int8", "w8a8", "fp8", "awq", "gptq", "compressed-tensors", "gguf"} <= set(
-        platform.supported_quantizations)
+def test_unsupported_quantization_on_cuda_names_what_is(monkeypatch):
+    """Refused while the engine's settings are checked, before anything touches a GPU."""
+    monkeypatch.setattr(CudaPlatform, "is_available", lambda self: True)
+    with pytest.raises(ValueError, match=r"quantization='bitsandbytes' is not supported on the cuda platform; it "
+                                         r"runs: neuron_quant, int8, w8a8, fp8, awq, gptq, compressed-tensors, gguf"):
+        LLM(device="cuda", quantization="bitsandbytes")
 
 
 # ----------------------------------------------------------------------------------------------------------
