@@ -59,11 +59,12 @@ def test_linear_with_prepacked_weights(m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norms_match_hf_formula(dtype):
+@pytest.mark.parametrize("hidden", [576, 40])     # 40: the vector loop and its scalar tail
+def test_norms_match_hf_formula(dtype, hidden):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 576, generator=g).to(dtype)
-    r = torch.randn(5, 576, generator=g).to(dtype)
-    w = torch.randn(576, generator=g).to(dtype)
+    x = torch.randn(5, hidden, generator=g).to(dtype)
+    r = torch.randn(5, hidden, generator=g).to(dtype)
+    w = torch.randn(hidden, generator=g).to(dtype)
 
     def hf(h):
         hf32 = h.float()
@@ -77,10 +78,19 @@ def test_norms_match_hf_formula(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul(dtype):
-    x = torch.randn(3, 2 * 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
+@pytest.mark.parametrize("inter", [1536, 20])
+def test_silu_and_mul(dtype, inter):
+    x = torch.randn(3, 2 * inter, generator=torch.Generator().manual_seed(1)).to(dtype)
     gate, up = x.chunk(2, dim=-1)
     _close(ops.silu_and_mul(x), F.silu(gate) * up, dtype)
+
+
+def test_silu_and_mul_over_the_whole_float_range():
+    """The kernel's own exp: about an ulp from torch's where e^-x is a normal float, and the limits beyond."""
+    gate = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([-1e30, 1e30, 0.0, -0.0])])
+    x = torch.cat([gate, torch.ones_like(gate)])[None]
+    out = torch.ops.plexus.silu_and_mul(x)[0]
+    torch.testing.assert_close(out, F.silu(gate), rtol=4e-7, atol=1e-30)
 
 
 def _cache(num_blocks, block_size, hkv, d, dtype, seed=2):
@@ -88,8 +98,9 @@ def _cache(num_blocks, block_size, hkv, d, dtype, seed=2):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_and_cache(dtype):
-    hq, hkv, d, block_size = 6, 2, 32, 4
+@pytest.mark.parametrize("d", [32, 64, 24])     # 24: the scalar loop only
+def test_rope_and_cache(dtype, d):
+    hq, hkv, block_size = 6, 2, 4
     t = 7
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)

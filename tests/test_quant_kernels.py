@@ -1,6 +1,7 @@
 """The CPU platform's decode kernel for integer weights (torch.ops.plexus.linear_quant, VNNI and scalar paths),
 called directly, against the formula written out here; the packed form's layout and GGUF repacking against
-gguf-py; and the fused quantized decode step against the layer-by-layer path on SmolLM2."""
+gguf-py; the W8A8 AMX kernel (linear_w8a8_amx) and oneDNN's int8 matmul against the per-token formula; and the
+fused quantized decode step against the layer-by-layer path on SmolLM2."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,6 +20,7 @@ from plexus.platforms.cpu import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.load(cache_dir()), reason="the CPU kernels could not be built here")
 VNNI = kernels.fast_quant_linear_available() if kernels.loaded() else False
+AMX = kernels.amx_int8_available() if kernels.loaded() else False
 
 
 def _layout(v: torch.Tensor) -> torch.Tensor:
@@ -129,17 +131,18 @@ def native_q4_1():
                kv_cache_space=0.05)
 
 
-def _fused_and_layered(llm):
-    """Greedy tokens for PROMPTS through the fused decode step, then layer by layer."""
+def _fused_and_layered(llm, prompts=PROMPTS):
+    """Greedy tokens for the prompts through the fused decode step, then layer by layer."""
     model = llm.llm_engine.executor.worker.model
     ops = model.layers[0].self_attn.qkv_proj.ops
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    fused = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-    quantized, _ = ops._decode_weights_of[id(model)]        # the fused step ran, over packed weights
-    assert quantized
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    batch = len(prompts) > kernels.QUANT_LINEAR_MAX_ROWS
+    weights = ops._decode_weights_of[(id(model), batch)]    # the fused step ran, over packed weights
+    assert weights is not None and any(w is not None and w.dtype in (torch.int8, torch.uint8) for w in weights)
     ops.fused_decode = False
     try:
-        layered = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        layered = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
         ops.fused_decode = True
     return fused, layered
@@ -155,6 +158,15 @@ def test_fused_q4_1_decode_equals_the_layer_by_layer_path(native_q4_1):
 def test_fused_int8_decode_equals_the_layer_by_layer_path(smollm_dir):
     llm = LLM(model=str(smollm_dir), quantization="int8", dtype="bfloat16", max_model_len=512, kv_cache_space=0.05)
     fused, layered = _fused_and_layered(llm)
+    assert fused == layered
+
+
+@pytest.mark.skipif(not (VNNI and AMX), reason="W8A8 batches run fused only on AMX tiles")
+def test_fused_w8a8_batches_on_amx_tiles_equal_the_layer_by_layer_path(smollm_dir):
+    """16 sequences, more than the VNNI GEMV serves: every linear of the fused step takes the AMX kernel, as
+    w8a8_linear does layer by layer."""
+    llm = LLM(model=str(smollm_dir), quantization="w8a8", dtype="bfloat16", max_model_len=512, kv_cache_space=0.05)
+    fused, layered = _fused_and_layered(llm, PROMPTS + [p + " and" for p in PROMPTS])
     assert fused == layered
 
 
@@ -219,6 +231,48 @@ def test_quantize_rows_and_scale_rows_are_their_torch_formulas(dtype):
                                else 1e-6, atol=1e-5)
 
 
+def test_amx_packing_is_the_documented_tile_layout():
+    """Tile (nt, kt), row r, bytes 4n..4n+3 = W[16 nt + n, 64 kt + 4 r ..], zero-padded to 32 columns and 64
+    inputs."""
+    w = torch.randint(-127, 128, (70, 130), dtype=torch.int8)
+    padded = torch.zeros(96, 192, dtype=torch.int8)
+    padded[:70, :130] = w
+    expected = padded.view(6, 16, 3, 16, 4).permute(0, 2, 3, 1, 4).reshape(6, 3, 16, 64)
+    assert torch.equal(torch.ops.plexus.pack_int8_amx(w), expected)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or OS) gives no AMX-INT8 tiles")
+@pytest.mark.parametrize("m, n, k", [(1, 16, 64), (37, 96, 576), (64, 70, 130), (300, 3072, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_w8a8_is_int8_activations_per_token_times_the_int8_weight(m, n, k, dtype):
+    g = torch.Generator().manual_seed(m + n + k)
+    weight = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    weight_scale, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4).to(dtype)
+    x[0] = 0                                                        # a zero row: scale 0, output = bias
+    # per token: q = round-half-even(x * (127 / max|x|)) in float32, scale max|x| / 127
+    amax = x.float().abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q, x_scale = torch.round(x.float() * inv), amax / 127
+    expected = (q.double() @ weight.double().T) * x_scale.double() * weight_scale.double()
+    packed_w = torch.ops.plexus.pack_int8_amx(weight)
+    got = torch.ops.plexus.linear_w8a8_amx(x, packed_w, weight_scale, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # the int32 products are exact; the float32 rescale and a bf16 output round
+    rtol, atol = (2 ** -8, 1e-3) if dtype == torch.bfloat16 else (1e-6, 1e-5)
+    torch.testing.assert_close(got.double(), expected + bias.double(), rtol=rtol, atol=atol)
+    assert torch.equal(got[0], bias.to(dtype))
+    no_bias = torch.ops.plexus.linear_w8a8_amx(x, packed_w, weight_scale, None)
+    torch.testing.assert_close(no_bias.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or OS) gives no AMX-INT8 tiles")
+def test_amx_w8a8_refuses_a_weight_of_another_shape():
+    packed_w = torch.ops.plexus.pack_int8_amx(torch.zeros(32, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="x has 128 inputs and weight_scale 32 outputs"):
+        torch.ops.plexus.linear_w8a8_amx(torch.randn(4, 128), packed_w, torch.ones(32), None)
+
+
 def test_w8a8_on_onednn_prepacked_weights_is_int8_activations_per_token_times_the_int8_weight():
     from plexus.models.quantization.int8 import quantize_per_token
     from plexus.platforms.cpu.ops import CpuModelOps
@@ -227,7 +281,7 @@ def test_w8a8_on_onednn_prepacked_weights_is_int8_activations_per_token_times_th
     g = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (96, 576), generator=g).to(torch.int8)
     weight_scale, bias = torch.rand(96, generator=g) * 0.01, torch.randn(96, generator=g)
-    packed = ops.pack_int8_weight(weight)
+    packed = kernels.pack_int8_onednn(weight)        # (where the CPU has AMX, pack_int8_weight gives tiles)
     if packed is None:
         pytest.skip("this torch has no onednn::qlinear_prepack")
     x = torch.randn(40, 576, generator=g)

@@ -75,6 +75,12 @@ class LinearMethod:
         otherwise."""
         return None
 
+    def w8a8_packed(self, layer: LinearLayer):
+        """For a layer that rounds its activations to int8 per token (dynamic W8A8): its int8 weight as
+        layer.ops.pack_int8_weight lays it out (packed on the first call), for ModelOps.w8a8_linear and a
+        platform's fused step; None for every other layer."""
+        return None
+
 
 UNQUANTIZED = LinearMethod()
 

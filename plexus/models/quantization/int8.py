@@ -119,6 +119,13 @@ class Int8LinearMethod(LinearMethod):
         activations per block of 32 inputs in the kernel rather than per token: finer, so no less accurate.)"""
         return NeuronQuantLinearMethod.packed_int(self, layer) if self.activations != "static" else None
 
+    def w8a8_packed(self, layer: LinearLayer):
+        if self.activations != "dynamic":
+            return None
+        if not hasattr(layer, "int8_packed"):     # on the first step longer than the decode kernel serves
+            layer.int8_packed = layer.ops.pack_int8_weight(layer.weight)
+        return layer.int8_packed
+
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         if self.activations is None:
             return NeuronQuantLinearMethod.apply(self, layer, x)
@@ -128,10 +135,9 @@ class Int8LinearMethod(LinearMethod):
             weight = self.packed_int(layer)
             out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
             if out is None:
-                if not hasattr(layer, "int8_packed"):     # packed on the first longer step
-                    layer.int8_packed = layer.ops.pack_int8_weight(layer.weight)
-                if layer.int8_packed is not None:
-                    out = layer.ops.w8a8_linear(x, layer.int8_packed, layer.weight_scale, layer.bias_for_rank())
+                packed = self.w8a8_packed(layer)
+                if packed is not None:
+                    out = layer.ops.w8a8_linear(x, packed, layer.weight_scale, layer.bias_for_rank())
             if out is not None:
                 return out
             q, x_scale = quantize_per_token(rows)

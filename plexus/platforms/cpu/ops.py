@@ -33,11 +33,12 @@ class CpuModelOps(ModelOps):
         # model -> its flat weight list for llama_decode_layers, or None when it cannot run fused; built at
         # the first decode step (after Platform.finalize_model packed the weights). Whoever sets a layer's
         # delta or method later must clear it (forget_model).
-        self._decode_weights_of: dict[int, list | None] = {}
+        self._decode_weights_of: dict[tuple[int, bool], list | None] = {}
         self._zeros: dict[int, torch.Tensor] = {}
 
     def forget_model(self, model) -> None:
-        self._decode_weights_of.pop(id(model), None)
+        for batch in (False, True):
+            self._decode_weights_of.pop((id(model), batch), None)
 
     def linear(self, x, weight, bias=None, packed=None):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -74,8 +75,9 @@ class CpuModelOps(ModelOps):
         return kernels.pack_int8_weight(weight)
 
     def w8a8_linear(self, x, packed, weight_scale, bias=None):
-        """oneDNN's int8 matmul (AMX where the CPU has it) on the prepacked weight: the activations as uint8
-        q + 128 with a unit scale, so each token keeps its own scale, applied after with the bias."""
+        """On AMX tiles (linear_w8a8_amx: quantize, int8 tile matmul and rescale in one op) where the CPU has
+        them, else oneDNN's int8 matmul on its prepacked weight: the activations as uint8 q + 128 with a unit
+        scale, so each token keeps its own scale, applied after with the bias."""
         if packed is None or not _cpu(x) or x.dtype not in (torch.bfloat16, torch.float32) \
                 or torch.compiler.is_compiling():
             return None
@@ -83,6 +85,9 @@ class CpuModelOps(ModelOps):
         rows = x.reshape(-1, k)
         if not rows.is_contiguous():
             rows = rows.contiguous()
+        if kernels.is_amx_packed(packed):
+            out = torch.ops.plexus.linear_w8a8_amx(rows, packed, weight_scale, bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
         q, scale = torch.ops.plexus.quantize_rows(rows)
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, weight_scale, self._zero_points(weight_scale),
                                                None, 1.0, 0, torch.float32, "none", [], "")
@@ -131,29 +136,29 @@ class CpuModelOps(ModelOps):
         if not (self.fused_decode and _cpu(hidden) and meta.decode is not None and meta.decode.mask is None
                 and all(c.dtype == hidden.dtype and c.is_contiguous() for c in kv_caches)):
             return None
-        key = id(model)
+        # Integer layers take the VNNI GEMV up to QUANT_LINEAR_MAX_ROWS; longer steps run fused only where
+        # every one of them is dynamic W8A8 with AMX tiles (packed when such a step first comes).
+        batch = hidden.shape[0] > kernels.QUANT_LINEAR_MAX_ROWS
+        key = (id(model), batch)
         if key not in self._decode_weights_of:
-            self._decode_weights_of[key] = self._decode_weights(model, hidden.dtype)
+            self._decode_weights_of[key] = self._decode_weights(model, hidden.dtype, batch)
         weights = self._decode_weights_of[key]
         if weights is None:
-            return None
-        quantized, weights = weights
-        if quantized and hidden.shape[0] > kernels.QUANT_LINEAR_MAX_ROWS:
             return None
         attn = model.layers[0].self_attn
         return torch.ops.plexus.llama_decode_layers(
             hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
             model.rotary.cos, model.rotary.sin, kv_caches, weights, model.norm.weight, model.norm.eps,
             attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale,
-            kernels.FAST_LINEAR_MAX_ROWS, kernels.FAST_LINEAR_MAX_ROWS_UNPACKED)
+            kernels.FAST_LINEAR_MAX_ROWS, kernels.FAST_LINEAR_MAX_ROWS_UNPACKED, kernels.QUANT_LINEAR_MAX_ROWS)
 
-    def _decode_weights(self, model, dtype) -> tuple[bool, list[torch.Tensor | None]] | None:
-        """(whether any layer is quantized, the flat list llama_decode_layers reads: per linear its weight,
-        bias, oneDNN-packed weight, and for a PackedInt its int8/uint8 values in place of the weight with its
-        scales and offsets), or None when a layer cannot run fused (another quantized form, a delta such as
-        LoRA, or a packed-integer layer without the VNNI kernel or in fp32)."""
+    def _decode_weights(self, model, dtype, batch: bool) -> list[torch.Tensor | None] | None:
+        """The flat list llama_decode_layers reads: per linear its weight, bias, oneDNN-packed weight, and for
+        a PackedInt its int8/uint8 values in place of the weight with its scales and offsets (and for a
+        batch, the AMX tiles in place of the packed weight); or None when a layer cannot run fused (another
+        quantized form, a delta such as LoRA, a packed-integer layer without the VNNI kernel or in fp32, or
+        in a batch one without AMX tiles)."""
         weights: list[torch.Tensor | None] = []
-        quantized = False
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -167,13 +172,17 @@ class CpuModelOps(ModelOps):
                 packed = lin.method.packed_int(lin)
                 if packed is None or not self.fast_quant_linear or dtype != torch.bfloat16:
                     return None
-                quantized = True
-                entries.append([packed.qweight, lin.bias_for_rank(), None, packed.scales, packed.offsets])
+                tiles = None
+                if batch:
+                    tiles = lin.method.w8a8_packed(lin)
+                    if not (kernels.is_amx_packed(tiles) and packed.bits == 8 and packed.scales.shape[1] == 1):
+                        return None
+                entries.append([packed.qweight, lin.bias_for_rank(), tiles, packed.scales, packed.offsets])
             weights.append(layer.input_layernorm.weight)
             weights += entries[0] + entries[1]
             weights.append(layer.post_attention_layernorm.weight)
             weights += entries[2] + entries[3]
-        return quantized, weights
+        return weights
 
 
 class CpuPagedAttention(TorchPagedAttention):

@@ -19,7 +19,8 @@ import torch
 logger = logging.getLogger("plexus")
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "quant_linear.cpp", "elementwise.cpp", "attention.cpp")]
+_SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "quant_linear.cpp", "amx_linear.cpp", "elementwise.cpp",
+                                   "attention.cpp")]
 _HEADERS = [_DIR / "common.h"]
 
 
@@ -40,6 +41,7 @@ def _build_key() -> str:
 _loaded: bool | None = None        # plain globals, not functools.cache: torch.compile reads them as constants
 _fast_linear: bool | None = None
 _fast_quant_linear: bool | None = None
+_amx_int8: bool | None = None
 
 
 def load(cache_dir: pathlib.Path, verbose: bool = False) -> bool:
@@ -101,6 +103,14 @@ def fast_quant_linear_available() -> bool:
     return _fast_quant_linear
 
 
+def amx_int8_available() -> bool:
+    """Whether linear_w8a8_amx runs here: built with AMX-INT8 and the OS hands this process the tile state."""
+    global _amx_int8
+    if _amx_int8 is None:
+        _amx_int8 = loaded() and bool(torch.ops.plexus.has_amx_int8())
+    return _amx_int8
+
+
 # The quantized GEMV (linear_quant) serves steps of up to this many tokens: above, it reads each weight
 # block once per 4 rows and the methods' own paths (torch's int4/int8 kernels, dequantize-and-matmul) win.
 QUANT_LINEAR_MAX_ROWS = 8
@@ -117,11 +127,26 @@ PACK_BATCH_HINT = 64
 
 
 def pack_int8_weight(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
-    """int8 weight [N, K] prepacked for oneDNN's int8 matmul (onednn::qlinear_pointwise), or None where torch
-    has no such op."""
-    if weight.device.type != "cpu" or weight.dtype != torch.int8 or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+    """int8 weight [N, K] as AMX tiles for linear_w8a8_amx (a plain int8 tensor [Nt, Kt, 16, 64]) where the CPU
+    has AMX-INT8, else prepacked for oneDNN's int8 matmul (onednn::qlinear_pointwise, an opaque tensor), or None
+    where torch has no such op."""
+    if weight.device.type != "cpu" or weight.dtype != torch.int8:
+        return None
+    if amx_int8_available():
+        return torch.ops.plexus.pack_int8_amx(weight)
+    return pack_int8_onednn(weight, rows_hint)
+
+
+def pack_int8_onednn(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
+    """int8 weight [N, K] prepacked for onednn::qlinear_pointwise, or None where torch has no such op."""
+    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
         return None
     return torch.ops.onednn.qlinear_prepack(weight, [rows_hint, weight.shape[1]])
+
+
+def is_amx_packed(packed) -> bool:
+    """Whether pack_int8_weight gave AMX tiles (rather than oneDNN's opaque prepacked tensor)."""
+    return isinstance(packed, torch.Tensor) and packed.dtype == torch.int8 and packed.dim() == 4
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -150,6 +175,15 @@ def _register_fake_impls() -> None:
     @lib.register_fake("plexus::scale_rows")
     def _(y, scale, bias, out_dtype):
         return y.new_empty(y.shape, dtype=out_dtype)
+
+    @lib.register_fake("plexus::pack_int8_amx")
+    def _(w):
+        n, k = w.shape
+        return w.new_empty((n + 31) // 32 * 2, (k + 63) // 64, 16, 64)
+
+    @lib.register_fake("plexus::linear_w8a8_amx")
+    def _(x, packed, weight_scale, bias):
+        return x.new_empty(x.shape[0], weight_scale.numel())
 
     @lib.register_fake("plexus::rms_norm")
     def _(x, w, eps):

@@ -43,6 +43,17 @@ inline __m512 load16(const bf16* p) {
 #endif
 
 #if defined(__AVX512BF16__)
+// The elementwise kernels' vector paths (elementwise.cpp): 16 fp32 lanes stored as T (bf16 rounded to nearest
+// even, as from_f), and rounded to T and back (the model dtype's rounding between two ops, as HF's).
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+template <typename T> inline __m512 round_to(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v));
+}
+
 // 32 bf16 lanes (n < 32: the first n, the rest zero), and the bf16-pair view dpbf16 takes.
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 inline __m512i load32(const bf16* p, int64_t n) {
@@ -62,6 +73,11 @@ at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& qweight, const at
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x);
 at::Tensor scale_rows(const at::Tensor& y, const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
                       at::ScalarType out_dtype);
+// amx_linear.cpp
+bool has_amx_int8();
+at::Tensor pack_int8_amx(const at::Tensor& w);
+at::Tensor linear_w8a8_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_scale,
+                           const c10::optional<at::Tensor>& bias);
 // elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);

@@ -10,12 +10,36 @@ namespace plexus {
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* y, int64_t H, float eps) {
   float ss = 0.f;
-  for (int64_t i = 0; i < H; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= H; i += 16) {
+    const __m512 v = load16(x + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  ss = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < H; ++i) {
     float v = to_f(x[i]);
     ss += v * v;
   }
   const float inv = 1.f / std::sqrt(ss / H + eps);
-  for (int64_t i = 0; i < H; ++i) y[i] = from_f<T>(to_f(w[i]) * to_f(from_f<T>(to_f(x[i]) * inv)));
+  i = 0;
+#if defined(__AVX512BF16__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; i + 16 <= H; i += 16)
+    store16(y + i, _mm512_mul_ps(load16(w + i), round_to<T>(_mm512_mul_ps(load16(x + i), vinv))));
+#endif
+  for (; i < H; ++i) y[i] = from_f<T>(to_f(w[i]) * to_f(from_f<T>(to_f(x[i]) * inv)));
+}
+
+template <typename T>
+inline void add_row(T* r, const T* x, int64_t H) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= H; i += 16) store16(r + i, _mm512_add_ps(load16(r + i), load16(x + i)));
+#endif
+  for (; i < H; ++i) r[i] = from_f<T>(to_f(r[i]) + to_f(x[i]));
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -48,7 +72,7 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
       for (int64_t t = t0; t < t1; ++t) {
         scalar_t* r = rp + t * H;
         const scalar_t* xr = xp + t * H;
-        for (int64_t i = 0; i < H; ++i) r[i] = from_f<scalar_t>(to_f(r[i]) + to_f(xr[i]));
+        add_row(r, xr, H);
         rms_norm_row(r, wp, yp + t * H, H, static_cast<float>(eps));
       }
     });
@@ -59,11 +83,54 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
 // ---------------------------------------------------------------------------
 // silu(gate) * up over [T, 2I] -> [T, I], rounded like HF's: silu to the dtype, then the product.
 // ---------------------------------------------------------------------------
+#if defined(__AVX512BF16__)
+// e^x to about an ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (error < r^7 / 7!),
+// times 2^n by scalef (which gives inf and 0 where e^x leaves the float range).
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);     // ln2 in two parts, the first exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+template <typename T>
+void silu_and_mul_row(const T* gate, const T* up, T* out, int64_t I) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= I; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(out + i, _mm512_mul_ps(round_to<T>(silu), load16(up + i)));
+  }
+#endif
+  for (; i < I; ++i) {
+    const float g = to_f(gate[i]);
+    out[i] = from_f<T>(to_f(from_f<T>(g / (1.f + std::exp(-g)))) * to_f(up[i]));
+  }
+}
+
 at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "silu_and_mul: [T, 2I]");
-  // ATen's own vectorized silu and mul (a scalar exp loop here was ~10x slower).
-  const int64_t I = x.size(1) / 2;
-  return at::silu(x.narrow(1, 0, I)).mul_(x.narrow(1, I, I));
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1, "silu_and_mul: [T, 2I] with unit stride");
+  const int64_t T = x.size(0), I = x.size(1) / 2, ld = x.stride(0);
+  at::Tensor out = at::empty({T, I}, x.options());
+  PLEXUS_DISPATCH(x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) silu_and_mul_row(xp + t * ld, xp + t * ld + I, op + t * I, I);
+    });
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -74,7 +141,17 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 template <typename T>
 inline void rope_row(const T* src, T* dst, const float* cos, const float* sin, int64_t D) {
   const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= half; i += 16) {
+    const __m512 a = load16(src + i), b = load16(src + i + half);
+    store16(dst + i, _mm512_sub_ps(_mm512_mul_ps(a, _mm512_loadu_ps(cos + i)),
+                                   _mm512_mul_ps(b, _mm512_loadu_ps(sin + i))));
+    store16(dst + i + half, _mm512_add_ps(_mm512_mul_ps(b, _mm512_loadu_ps(cos + i + half)),
+                                          _mm512_mul_ps(a, _mm512_loadu_ps(sin + i + half))));
+  }
+#endif
+  for (; i < half; ++i) {
     const float a = to_f(src[i]), b = to_f(src[i + half]);
     dst[i] = from_f<T>(a * cos[i] - b * sin[i]);
     dst[i + half] = from_f<T>(b * cos[i + half] + a * sin[i + half]);

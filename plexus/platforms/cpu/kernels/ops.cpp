@@ -18,14 +18,16 @@ namespace plexus {
 // o likewise; post-attention norm; gate_up and down likewise. Absent biases and
 // packed weights (kernels.pack_weight) are None. A linear with scales is an
 // integer one (linear_quant: int8 weight for 8 bits, uint8 nibbles for 4), its
-// offsets possibly None.
+// offsets possibly None; its packed weight, where given, is a dynamic W8A8
+// layer's AMX tiles (pack_int8_amx, with per-channel scales [N, 1]), which serve
+// steps of more than quant_rows rows.
 // ---------------------------------------------------------------------------
 at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                                const at::Tensor& sin, at::TensorList kv_caches,
                                const c10::List<c10::optional<at::Tensor>>& weights, const at::Tensor& final_norm,
                                double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
-                               int64_t fast_rows_packed, int64_t fast_rows_unpacked) {
+                               int64_t fast_rows_packed, int64_t fast_rows_unpacked, int64_t quant_rows) {
   const int64_t rows = hidden.size(0);
   const bool bf16_gemv = has_fast_linear() && hidden.scalar_type() == at::kBFloat16;
   static auto packed_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -33,6 +35,8 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
   auto lin = [&](const at::Tensor& x, const c10::optional<at::Tensor>& wt, const c10::optional<at::Tensor>& b,
                  const c10::optional<at::Tensor>& packed, const c10::optional<at::Tensor>& scales,
                  const c10::optional<at::Tensor>& offsets) -> at::Tensor {
+    if (scales.has_value() && packed.has_value() && rows > quant_rows)
+      return linear_w8a8_amx(x, *packed, scales->view({-1}), b);
     if (scales.has_value())
       return linear_quant(x, *wt, *scales, offsets, b, wt->scalar_type() == at::kChar ? 8 : 4, false);
     if (bf16_gemv && rows <= (packed.has_value() ? fast_rows_packed : fast_rows_unpacked))
@@ -72,6 +76,9 @@ TORCH_LIBRARY(plexus, m) {
   m.def("linear_quant(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor? bias, int bits, bool scalar) -> Tensor");
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("scale_rows(Tensor y, Tensor scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("has_amx_int8() -> bool", has_amx_int8);
+  m.def("pack_int8_amx(Tensor w) -> Tensor");
+  m.def("linear_w8a8_amx(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -82,7 +89,7 @@ TORCH_LIBRARY(plexus, m) {
   m.def("llama_decode_layers(Tensor hidden, Tensor positions, Tensor slot_mapping, Tensor block_tables, "
         "Tensor seq_lens, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor?[] weights, Tensor final_norm, "
         "float eps, int num_heads, int num_kv_heads, int head_dim, float scale, int fast_rows_packed, "
-        "int fast_rows_unpacked) -> Tensor");
+        "int fast_rows_unpacked, int quant_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
@@ -90,6 +97,8 @@ TORCH_LIBRARY_IMPL(plexus, CPU, m) {
   m.impl("linear_quant", linear_quant);
   m.impl("quantize_rows", quantize_rows);
   m.impl("scale_rows", scale_rows);
+  m.impl("pack_int8_amx", pack_int8_amx);
+  m.impl("linear_w8a8_amx", linear_w8a8_amx);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);

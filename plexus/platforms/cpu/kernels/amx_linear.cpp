@@ -1,0 +1,229 @@
+// W8A8 for batches on AMX tiles: y = (q(x) . W^T) * x_scale * w_scale + bias, with the activations rounded
+// to int8 per row (token) and the products accumulated in int32 by TDPBSSD, for steps of more rows than the
+// VNNI GEMV serves (quant_linear.cpp).
+//
+// oneDNN's int8 matmul does the same, but at SmolLM2's sizes and 64 rows its per-call costs (about 30 us,
+// plus a quantize and a rescale pass around it) eat the gain; here the weight is laid out as tiles once,
+// the activations are quantized into a padded buffer and the rescale is the epilogue of each 32 x 32 block.
+//
+// Packed weight: [Nt, Kt, 16, 64] int8, Nt = N rounded up to 32 columns / 16, Kt = K rounded up to 64 / 64;
+// tile (nt, kt) is TDPBSSD's B operand for columns nt*16.. and inputs kt*64..: its row r holds, for each of
+// the 16 columns n, the 4 weights W[n][kt*64 + 4r .. +3]. Padding is zero.
+#include "common.h"
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PLEXUS_AMX 1
+#endif
+
+namespace plexus {
+
+namespace {
+
+constexpr int64_t kTileRows = 16;     // rows of a tile (tokens of A, k-quads of B)
+constexpr int64_t kTileK = 64;        // int8 inputs per tile row
+constexpr int64_t kBlock = 32;        // each step of the loop computes a 32 x 32 block in 4 accumulator tiles
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+#if defined(PLEXUS_AMX)
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: the int32 accumulators of a 32 x 32 block; 4, 5: two 16-row slices of the activations; 6, 7:
+// two 16-column slices of the weight.
+inline void configure_tiles() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+bool request_tile_data() {
+  // Linux hands out AMX's tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
+  // XFEATURE_XTILEDATA); the permission is process-wide, so threads started before this call have it too.
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
+
+}  // namespace
+
+bool has_amx_int8() {
+#if defined(PLEXUS_AMX)
+  static const bool ok = request_tile_data();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+at::Tensor pack_int8_amx(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "pack_int8_amx: w must be int8 [N, K]");
+  const at::Tensor wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t Nt = round_up(N, kBlock) / kTileRows, Kt = round_up(K, kTileK) / kTileK;
+  at::Tensor packed = at::zeros({Nt, Kt, kTileRows, kTileK}, w.options().dtype(at::kChar));
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  at::parallel_for(0, Nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t nt = t0; nt < t1; ++nt)
+      for (int64_t n = 0; n < kTileRows && nt * kTileRows + n < N; ++n) {
+        const int8_t* row = src + (nt * kTileRows + n) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t kt = k / kTileK, r = (k % kTileK) / 4, j = k % 4;
+          dst[((nt * Kt + kt) * kTileRows + r) * kTileK + n * 4 + j] = row[k];
+        }
+      }
+  });
+  return packed;
+}
+
+#if defined(PLEXUS_AMX)
+namespace {
+
+// x [M, K] -> int8 rows into xq [Mp, Kp] (padding zero) and per-row scales max|x| / 127 (0 for a zero row),
+// rounding to nearest even as torch.round does.
+template <typename T>
+void quantize_rows_padded(const T* x, int64_t M, int64_t K, int64_t Kp, int8_t* xq, float* xs) {
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = x + m * K;
+      int8_t* qrow = xq + m * Kp;
+      __m512 vmax = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(row + k)));
+      float amax = _mm512_reduce_max_ps(vmax);
+      for (; k < K; ++k) amax = std::max(amax, std::fabs(to_f(row[k])));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      xs[m] = amax / 127.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (k = 0; k + 16 <= K; k += 16)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qrow + k),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16(row + k), vinv))));
+      for (; k < K; ++k) qrow[k] = static_cast<int8_t>(std::nearbyint(to_f(row[k]) * inv));
+    }
+  });
+}
+
+// One 32 x 32 block's epilogue: out[m, n] = c[m, n] * xs[m] * ws[n] + bias[n], for the rows and columns
+// inside M x N.
+template <typename OutT>
+inline void store_block(const int32_t* c, int64_t rows, int64_t cols, const float* xs, const float* ws,
+                        const float* bias, OutT* out, int64_t ldo) {
+  const __mmask16 lo = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
+  const __mmask16 hi = cols >= 32 ? (__mmask16)0xFFFF : cols <= 16 ? (__mmask16)0 : (__mmask16)((1u << (cols - 16)) - 1);
+  const __m512 w0 = _mm512_maskz_loadu_ps(lo, ws), w1 = _mm512_maskz_loadu_ps(hi, ws + 16);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(lo, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(hi, bias + 16) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m) {
+    const __m512 s = _mm512_set1_ps(xs[m]);
+    const __m512 v0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + m * kBlock)), s), w0, b0);
+    const __m512 v1 =
+        _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + m * kBlock + 16)), s), w1, b1);
+    OutT* o = out + m * ldo;
+    if constexpr (std::is_same_v<OutT, float>) {
+      _mm512_mask_storeu_ps(o, lo, v0);
+      _mm512_mask_storeu_ps(o + 16, hi, v1);
+    } else {
+      _mm256_mask_storeu_epi16(o, lo, (__m256i)_mm512_cvtneps_pbh(v0));
+      _mm256_mask_storeu_epi16(o + 16, hi, (__m256i)_mm512_cvtneps_pbh(v1));
+    }
+  }
+}
+
+template <typename OutT>
+void amx_matmul(const int8_t* xq, int64_t M, int64_t Mp, int64_t Kp, const int8_t* w, int64_t N, int64_t Kt,
+                const float* xs, const float* ws, const float* bias, OutT* out) {
+  const int64_t blocks = round_up(N, kBlock) / kBlock;
+  const int64_t tile_bytes = kTileRows * kTileK;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    configure_tiles();
+    alignas(64) int32_t c[kBlock * kBlock];
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int8_t* w0 = w + (2 * nb) * Kt * tile_bytes;
+      const int8_t* w1 = w0 + Kt * tile_bytes;
+      for (int64_t m0 = 0; m0 < Mp; m0 += kBlock) {
+        const int8_t* a0 = xq + m0 * Kp;
+        const int8_t* a1 = a0 + kTileRows * Kp;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kt = 0; kt < Kt; ++kt) {
+          if (m0 == 0 && nb + 2 < b1) {  // the next block's weight into L2 while this one computes
+            const int8_t* next = w0 + 4 * Kt * tile_bytes + kt * tile_bytes;
+            for (int64_t line = 0; line < tile_bytes; line += 64) {
+              _mm_prefetch(reinterpret_cast<const char*>(next + line), _MM_HINT_T1);
+              _mm_prefetch(reinterpret_cast<const char*>(next + Kt * tile_bytes + line), _MM_HINT_T1);
+            }
+          }
+          _tile_loadd(4, a0 + kt * kTileK, Kp);
+          _tile_loadd(5, a1 + kt * kTileK, Kp);
+          _tile_loadd(6, w0 + kt * tile_bytes, kTileK);
+          _tile_loadd(7, w1 + kt * tile_bytes, kTileK);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbssd(3, 5, 7);
+        }
+        _tile_stored(0, c, kBlock * 4);
+        _tile_stored(1, c + 16, kBlock * 4);
+        _tile_stored(2, c + 16 * kBlock, kBlock * 4);
+        _tile_stored(3, c + 16 * kBlock + 16, kBlock * 4);
+        const int64_t n0 = nb * kBlock;
+        store_block(c, std::min(kBlock, M - m0), std::min(kBlock, N - n0), xs + m0, ws + n0,
+                    bias ? bias + n0 : nullptr, out + m0 * N + n0, N);
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace
+#endif
+
+at::Tensor linear_w8a8_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_scale,
+                           const c10::optional<at::Tensor>& bias) {
+#if defined(PLEXUS_AMX)
+  TORCH_CHECK(has_amx_int8(), "linear_w8a8_amx: this CPU or OS gives no AMX tiles");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "linear_w8a8_amx: x must be contiguous [M, K] bf16 or fp32");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                  packed.size(2) == kTileRows && packed.size(3) == kTileK && packed.size(0) % 2 == 0,
+              "linear_w8a8_amx: packed must come from pack_int8_amx");
+  const int64_t M = x.size(0), K = x.size(1), N = weight_scale.numel();
+  const int64_t Kt = packed.size(1), Kp = Kt * kTileK;
+  TORCH_CHECK(round_up(K, kTileK) == Kp && round_up(N, kBlock) == packed.size(0) * kTileRows,
+              "linear_w8a8_amx: x has ", K, " inputs and weight_scale ", N, " outputs; the packed weight is ",
+              packed.sizes());
+  const at::Tensor ws = weight_scale.to(at::kFloat).contiguous();
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const int64_t Mp = round_up(M, kBlock);
+  at::Tensor xq = at::empty({Mp, Kp}, x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({Mp}, x.options().dtype(at::kFloat));
+  if (Kp != K) xq.zero_();
+  else if (Mp != M) xq.narrow(0, M, Mp - M).zero_();
+  PLEXUS_DISPATCH(x.scalar_type(), "linear_w8a8_amx", [&] {
+    quantize_rows_padded(x.data_ptr<scalar_t>(), M, K, Kp, xq.data_ptr<int8_t>(), xs.data_ptr<float>());
+    amx_matmul(xq.data_ptr<int8_t>(), M, Mp, Kp, packed.data_ptr<int8_t>(), N, Kt, xs.data_ptr<float>(),
+               ws.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+               out.data_ptr<scalar_t>());
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "linear_w8a8_amx: built without AMX (check has_amx_int8 first)");
+#endif
+}
+
+}  // namespace plexus
