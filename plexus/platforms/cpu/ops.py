@@ -30,8 +30,9 @@ class CpuModelOps(ModelOps):
         self.fused_decode = fused_decode
         self.fast_linear = kernels.fast_linear_available()
         self.fast_quant_linear = kernels.fast_quant_linear_available()
-        # model -> its flat weight list for llama_decode_layers, or None when it cannot run fused; built at
-        # the first decode step (after Platform.finalize_model packed the weights). Whoever sets a layer's
+        # (model, batch: more rows than the integer GEMV serves) -> its flat weight list for llama_decode_layers,
+        # or None when it cannot run fused; built at the first such decode step (after Platform.finalize_model
+        # packed the weights). Whoever sets a layer's
         # delta or method later must clear it (forget_model).
         self._decode_weights_of: dict[tuple[int, bool], list | None] = {}
         self._zeros: dict[int, torch.Tensor] = {}
