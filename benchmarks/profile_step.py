@@ -29,7 +29,7 @@ PARTS = {
     "outputs (detokenize, RequestOutput)": ("plexus/core/engine.py", "_append_token"),
 }
 # self time of these kernels (visible one by one only with PLEXUS_FUSED_DECODE=0)
-KERNELS = ["llama_decode_layers", "linear_quant", "linear_bf16", "_linear_pointwise", "linear", "paged_attention_decode",
+KERNELS = ["llama_decode_layers", "linear_quant", "linear_w8a8_amx", "linear_w8a8", "linear_bf16", "_linear_pointwise", "linear", "paged_attention_decode",
            "scaled_dot_product_attention", "rope_and_cache", "add_rms_norm", "rms_norm", "silu_and_mul",
            "embedding", "logsumexp", "log_softmax", "argmax"]
 

@@ -131,8 +131,8 @@ def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
     block_size, num_blocks = 4, 40
     cache = _cache(num_blocks, block_size, hkv, d, dtype)
     rng = np.random.default_rng(0)
-    query_lens = [1, 5, 1, 1, 3, 1]
-    seq_lens = [9, 5, 17, 1, 12, 30]
+    query_lens = [1, 5, 1, 1, 3, 1, 1]
+    seq_lens = [9, 5, 17, 1, 12, 30, 45]     # 45: two full sixteen-key chunks and a tail
     perm = rng.permutation(num_blocks).tolist()
     block_ids, used = [], 0
     for s in seq_lens:
