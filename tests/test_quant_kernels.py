@@ -242,7 +242,8 @@ def test_amx_packing_is_the_documented_tile_layout():
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU (or OS) gives no AMX-INT8 tiles")
-@pytest.mark.parametrize("m, n, k", [(1, 16, 64), (37, 96, 576), (64, 70, 130), (300, 3072, 576)])
+# (300, 48, 4096): rows in chunks of 128 (512 KB of activations each), the last one partial
+@pytest.mark.parametrize("m, n, k", [(1, 16, 64), (37, 96, 576), (64, 70, 130), (300, 3072, 576), (300, 48, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_w8a8_is_int8_activations_per_token_times_the_int8_weight(m, n, k, dtype):
     g = torch.Generator().manual_seed(m + n + k)
