@@ -73,8 +73,8 @@ inline __m512 sum16(const __m512* v) {
 }
 
 // One (sequence, kv head) of bf16 decode attention, D = 32 * DC. Scores: sixteen keys at a time, dpbf16
-// (q and k as the model holds them, fp32 sums) into sixteen accumulators per query head, summed by sum16;
-// the next sixteen keys are prefetched meanwhile. Then a vectorized softmax, then p * v accumulated in
+// (q and k as the model holds them, fp32 sums) into sixteen accumulators per query head, summed by sum16.
+// Then a vectorized softmax, then p * v accumulated in
 // fp32 registers. rows[t]: token t's row in the cache (block * block_size + offset); scores: [G, len].
 // (One task per kv head, not per sequence: reading one head's rows of a block, three passes per block,
 // measured 20% faster than one pass over whole blocks, which spends more of each row's time computing.)
@@ -241,18 +241,18 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cach
       std::vector<float> qf, acc, scores;
       std::vector<int64_t> rows;
       for (int64_t i = first[p0]; i < first[p1]; ++i) {
-        const int64_t b = i / Hkv, h = i % Hkv, len = lp[b], at = (b * Hq + h * G) * D;
+        const int64_t b = i / Hkv, h = i % Hkv, len = lp[b], off = (b * Hq + h * G) * D;
         const int64_t* table = tp + b * max_blocks;
 #if defined(__AVX512BF16__)
         // (the casts are no-ops: this branch only runs when scalar_t is bf16)
         if (std::is_same_v<scalar_t, bf16> &&
-            attend_bf16_fast(reinterpret_cast<const bf16*>(qp) + at, reinterpret_cast<const bf16*>(kc),
+            attend_bf16_fast(reinterpret_cast<const bf16*>(qp) + off, reinterpret_cast<const bf16*>(kc),
                              reinterpret_cast<const bf16*>(vc), table, len, block_size, Hkv, h, G, D,
-                             static_cast<float>(scale), scores, rows, reinterpret_cast<bf16*>(op) + at))
+                             static_cast<float>(scale), scores, rows, reinterpret_cast<bf16*>(op) + off))
           continue;
 #endif
-        attend_generic(qp + at, kc, vc, table, len, block_size, Hkv, h, G, D, static_cast<float>(scale), qf, acc,
-                       scores, op + at);
+        attend_generic(qp + off, kc, vc, table, len, block_size, Hkv, h, G, D, static_cast<float>(scale), qf, acc,
+                       scores, op + off);
       }
     });
   });
