@@ -59,6 +59,32 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 inline __m512i load32(const bf16* p, int64_t n) {
   return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
 }
+
+// e^x to about an ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (error < r^7 / 7!),
+// times 2^n by scalef (which gives inf and 0 where e^x leaves the float range).
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);     // ln2 in two parts, the first exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) = g / (1 + e^-g), in fp32 (silu_and_mul and the W8A8 gate/up epilogue). The reciprocal is rcp14's
+// refined by one Newton step (within an ulp or so, at a fifth of a division's cost), 0 where e^-g overflows.
+inline __m512 silu16(__m512 g) {
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+  const __m512 r0 = _mm512_rcp14_ps(d);
+  const __m512 r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(g, _mm512_mask_mov_ps(r, _mm512_fpclass_ps_mask(d, 0x08), _mm512_setzero_ps()));
+}
 #endif
 
 // linear.cpp
@@ -78,6 +104,9 @@ bool has_amx_int8();
 at::Tensor pack_int8_amx(const at::Tensor& w);
 at::Tensor linear_w8a8_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_scale,
                            const c10::optional<at::Tensor>& bias);
+at::Tensor pack_int8_amx_glu(const at::Tensor& w);
+at::Tensor linear_w8a8_amx_glu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight_scale,
+                               const c10::optional<at::Tensor>& bias);
 // elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps);

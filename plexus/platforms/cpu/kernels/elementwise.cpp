@@ -83,35 +83,12 @@ at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tens
 // ---------------------------------------------------------------------------
 // silu(gate) * up over [T, 2I] -> [T, I], rounded like HF's: silu to the dtype, then the product.
 // ---------------------------------------------------------------------------
-#if defined(__AVX512BF16__)
-// e^x to about an ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (error < r^7 / 7!),
-// times 2^n by scalef (which gives inf and 0 where e^x leaves the float range).
-inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);     // ln2 in two parts, the first exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 template <typename T>
 void silu_and_mul_row(const T* gate, const T* up, T* out, int64_t I) {
   int64_t i = 0;
 #if defined(__AVX512BF16__)
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (; i + 16 <= I; i += 16) {
-    const __m512 g = load16(gate + i);
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    store16(out + i, _mm512_mul_ps(round_to<T>(silu), load16(up + i)));
-  }
+  for (; i + 16 <= I; i += 16) store16(out + i, _mm512_mul_ps(round_to<T>(silu16(load16(gate + i))), load16(up + i)));
 #endif
   for (; i < I; ++i) {
     const float g = to_f(gate[i]);
