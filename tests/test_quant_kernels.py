@@ -1,6 +1,7 @@
 """The CPU platform's decode kernel for integer weights (torch.ops.plexus.linear_quant, VNNI and scalar paths),
 called directly, against the formula written out here; the packed form's layout and GGUF repacking against
-gguf-py; the W8A8 AMX kernel (linear_w8a8_amx) and oneDNN's int8 matmul against the per-token formula; and the
+gguf-py; the W8A8 AMX kernel (linear_w8a8_amx, and its form with silu(gate) * up as the epilogue) and oneDNN's
+int8 matmul against the per-token formula; and the
 fused quantized decode step against the layer-by-layer path on SmolLM2."""
 from __future__ import annotations
 
@@ -265,6 +266,56 @@ def test_amx_w8a8_is_int8_activations_per_token_times_the_int8_weight(m, n, k, d
     assert torch.equal(got[0], bias.to(dtype))
     no_bias = torch.ops.plexus.linear_w8a8_amx(x, packed_w, weight_scale, None)
     torch.testing.assert_close(no_bias.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or OS) gives no AMX-INT8 tiles")
+# (300, 1536, 576): SmolLM2's gate/up in three row chunks; (70, 32, 130): padded rows and inputs
+@pytest.mark.parametrize("m, inter, k", [(1, 16, 64), (70, 32, 130), (300, 1536, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_w8a8_glu_is_silu_of_the_gate_times_the_up_output(m, inter, k, dtype):
+    """linear_w8a8_amx_glu on a gate/up weight [2I, K] against the per-token formula then HF's
+    act(gate) * up in the dtype; and bit for bit the two kernels it fuses (linear_w8a8_amx, silu_and_mul)."""
+    g = torch.Generator().manual_seed(m + inter + k)
+    weight = torch.randint(-127, 128, (2 * inter, k), generator=g).to(torch.int8)
+    weight_scale, bias = torch.rand(2 * inter, generator=g) * 0.01, torch.randn(2 * inter, generator=g)
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4).to(dtype)
+    amax = x.float().abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q, x_scale = torch.round(x.float() * inv), amax / 127
+    gate_up = ((q.double() @ weight.double().T) * x_scale.double() * weight_scale.double() + bias.double()).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    packed_w = torch.ops.plexus.pack_int8_amx_glu(weight)
+    got = torch.ops.plexus.linear_w8a8_amx_glu(x, packed_w, weight_scale, bias)
+    assert got.dtype == dtype and got.shape == (m, inter)
+    # in bf16, gate, up, silu and the product each round (the float32 rescale may flip a gate or up rounding)
+    rtol, atol = (2 ** -6, 2e-3) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
+    unfused = torch.ops.plexus.silu_and_mul(
+        torch.ops.plexus.linear_w8a8_amx(x, torch.ops.plexus.pack_int8_amx(weight), weight_scale, bias))
+    assert torch.equal(got, unfused)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU (or OS) gives no AMX-INT8 tiles")
+def test_w8a8_gate_up_layer_applies_silu_in_the_matmul_and_stands_aside_for_a_delta():
+    """LinearLayer.silu_and_mul of a dynamic W8A8 gate/up layer: on a batch, the fused kernel, equal to
+    silu_and_mul of the layer's output; with a delta (LoRA), the unfused path, delta included."""
+    from plexus.models.layers.linear import LinearLayer
+    from plexus.models.quantization.int8 import Int8LinearMethod
+    from plexus.platforms.cpu.ops import CpuModelOps
+
+    ops = CpuModelOps()
+    layer = LinearLayer(576, [1536, 1536], bias=False, method=Int8LinearMethod("mlp.gate_up_proj", "online", "dynamic"),
+                        ops=ops, dtype=torch.bfloat16)
+    layer.weight.data.copy_(torch.randn(3072, 576, generator=torch.Generator().manual_seed(0)) * 0.05)
+    layer.method.process_weights_after_loading(layer)
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    fused = layer.silu_and_mul(x)
+    assert kernels.is_amx_packed(layer.int8_glu_packed)
+    assert torch.equal(fused, ops.silu_and_mul(layer(x)))
+    layer.delta = lambda t: torch.ones(t.shape[0], 3072, dtype=t.dtype)
+    assert torch.equal(layer.silu_and_mul(x), ops.silu_and_mul(layer(x)))
+    assert not torch.equal(layer.silu_and_mul(x), fused)
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU (or OS) gives no AMX-INT8 tiles")

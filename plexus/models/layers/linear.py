@@ -81,6 +81,16 @@ class LinearMethod:
         platform's fused step; None for every other layer."""
         return None
 
+    def w8a8_glu_packed(self, layer: LinearLayer):
+        """w8a8_packed for a gate/up layer whose platform applies silu(gate) * up in the matmul
+        (ModelOps.pack_int8_glu_weight); None for every other layer."""
+        return None
+
+    def apply_silu_and_mul(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a gate/up layer's output, where this method computes it in one op with the
+        matmul (LinearLayer.silu_and_mul); None: the caller applies ModelOps.silu_and_mul to apply()'s output."""
+        return None
+
 
 UNQUANTIZED = LinearMethod()
 
@@ -123,6 +133,15 @@ class LinearLayer(nn.Module):
         if self.delta is not None:
             y = y + self.delta(x)
         return y
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """ops.silu_and_mul(self(x)) for a gate/up layer (two output shards of one size), fused with the matmul
+        where the method can (LinearMethod.apply_silu_and_mul) and no delta is set."""
+        if self.delta is None:
+            out = self.method.apply_silu_and_mul(self, x)
+            if out is not None:
+                return out
+        return self.ops.silu_and_mul(self(x))
 
     def bias_for_rank(self) -> torch.Tensor | None:
         """The bias this rank adds: row-parallel ranks' outputs are summed, so only rank 0 adds it."""

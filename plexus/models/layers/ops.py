@@ -45,6 +45,18 @@ class ModelOps:
         with its per-channel weight_scale, + bias; None where this platform does not run x's shape."""
         return None
 
+    def pack_int8_glu_weight(self, weight: torch.Tensor) -> object:
+        """A gate/up int8 weight [2I, K] (gate rows, then up rows) in a layout w8a8_silu_and_mul runs, or None
+        (then w8a8_silu_and_mul is never asked)."""
+        return None
+
+    def w8a8_silu_and_mul(self, x: torch.Tensor, packed: object, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """silu_and_mul(w8a8_linear(x, ...)) in one op, for a gate/up weight packed by pack_int8_glu_weight,
+        with the same roundings (the gate and up outputs to x's dtype, then silu, then the product); None where
+        this platform does not run x's shape."""
+        return None
+
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """x times an e4m3 weight [N, K] with per-output-channel fp32 scales, on the device's fp8 matmul: x

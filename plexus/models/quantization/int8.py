@@ -126,6 +126,31 @@ class Int8LinearMethod(LinearMethod):
             layer.int8_packed = layer.ops.pack_int8_weight(layer.weight)
         return layer.int8_packed
 
+    def w8a8_glu_packed(self, layer: LinearLayer):
+        """A dynamic W8A8 gate/up layer's int8 weight as layer.ops.pack_int8_glu_weight lays it out (on the
+        first call), for ModelOps.w8a8_silu_and_mul; None for every other layer, or where the platform has no
+        such layout."""
+        sizes = layer.local_output_sizes
+        if self.activations != "dynamic" or len(sizes) != 2 or sizes[0] != sizes[1]:
+            return None
+        if not hasattr(layer, "int8_glu_packed"):
+            layer.int8_glu_packed = layer.ops.pack_int8_glu_weight(layer.weight)
+        return layer.int8_glu_packed
+
+    def apply_silu_and_mul(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """Steps the integer GEMV serves take it, then silu_and_mul; longer ones the gate/up matmul with
+        silu(gate) * up as its epilogue, where the platform has it."""
+        if self.activations != "dynamic":
+            return None
+        weight = self.packed_int(layer)
+        out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
+        if out is not None:
+            return layer.ops.silu_and_mul(out)
+        packed = self.w8a8_glu_packed(layer)
+        if packed is None:
+            return None
+        return layer.ops.w8a8_silu_and_mul(x, packed, layer.weight_scale, layer.bias_for_rank())
+
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         if self.activations is None:
             return NeuronQuantLinearMethod.apply(self, layer, x)

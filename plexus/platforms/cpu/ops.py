@@ -95,6 +95,21 @@ class CpuModelOps(ModelOps):
         out = torch.ops.plexus.scale_rows(y, scale, bias, x.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def pack_int8_glu_weight(self, weight):
+        return kernels.pack_int8_glu_weight(weight)
+
+    def w8a8_silu_and_mul(self, x, packed, weight_scale, bias=None):
+        """On AMX tiles, silu(gate) * up as the matmul's epilogue (linear_w8a8_amx_glu): the [T, 2I] gate/up
+        output is never written, nor read back by a separate silu_and_mul."""
+        if packed is None or not _cpu(x) or x.dtype not in (torch.bfloat16, torch.float32) \
+                or torch.compiler.is_compiling():
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        out = torch.ops.plexus.linear_w8a8_amx_glu(rows, packed, weight_scale, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _zero_points(self, weight_scale):
         """oneDNN wants per-channel weight zero points beside the scales: zeros, one tensor per size."""
         n = weight_scale.shape[0]
@@ -174,8 +189,9 @@ class CpuModelOps(ModelOps):
                 if packed is None or not self.fast_quant_linear or dtype != torch.bfloat16:
                     return None
                 tiles = None
-                if batch:
-                    tiles = lin.method.w8a8_packed(lin)
+                if batch:   # gate_up's tiles are those of the kernel with silu(gate) * up as its epilogue
+                    method = lin.method
+                    tiles = method.w8a8_glu_packed(lin) if lin is mlp.gate_up_proj else method.w8a8_packed(lin)
                     if not (kernels.is_amx_packed(tiles) and packed.bits == 8 and packed.scales.shape[1] == 1):
                         return None
                 entries.append([packed.qweight, lin.bias_for_rank(), tiles, packed.scales, packed.offsets])

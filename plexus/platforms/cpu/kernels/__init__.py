@@ -137,6 +137,16 @@ def pack_int8_weight(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
     return pack_int8_onednn(weight, rows_hint)
 
 
+def pack_int8_glu_weight(weight: torch.Tensor):
+    """A gate/up int8 weight [2I, K] as AMX tiles for linear_w8a8_amx_glu (gate and up rows interleaved 16 by
+    16, so the kernel applies silu(gate) * up itself), or None where that kernel does not run: no AMX, or I
+    not a multiple of 16."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.int8 or weight.shape[0] % 32
+            or not amx_int8_available()):
+        return None
+    return torch.ops.plexus.pack_int8_amx_glu(weight)
+
+
 def pack_int8_onednn(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
     """int8 weight [N, K] prepacked for onednn::qlinear_pointwise, or None where torch has no such op."""
     if not hasattr(torch.ops.onednn, "qlinear_prepack"):
@@ -184,6 +194,15 @@ def _register_fake_impls() -> None:
     @lib.register_fake("plexus::linear_w8a8_amx")
     def _(x, packed, weight_scale, bias):
         return x.new_empty(x.shape[0], weight_scale.numel())
+
+    @lib.register_fake("plexus::pack_int8_amx_glu")
+    def _(w):
+        n, k = w.shape
+        return w.new_empty(n // 16, (k + 63) // 64, 16, 64)
+
+    @lib.register_fake("plexus::linear_w8a8_amx_glu")
+    def _(x, packed, weight_scale, bias):
+        return x.new_empty(x.shape[0], weight_scale.numel() // 2)
 
     @lib.register_fake("plexus::rms_norm")
     def _(x, w, eps):

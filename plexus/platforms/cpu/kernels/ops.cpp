@@ -20,7 +20,8 @@ namespace plexus {
 // integer one (linear_quant: int8 weight for 8 bits, uint8 nibbles for 4), its
 // offsets possibly None; its packed weight, where given, is a dynamic W8A8
 // layer's AMX tiles (pack_int8_amx, with per-channel scales [N, 1]), which serve
-// steps of more than quant_rows rows.
+// steps of more than quant_rows rows; gate_up's are pack_int8_amx_glu's, whose
+// kernel applies silu(gate) * up itself.
 // ---------------------------------------------------------------------------
 at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
@@ -63,8 +64,10 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
                                   head_dim);
     at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale).view({B, -1});
     h = add_rms_norm(lin(attn, w(l, 6), w(l, 7), w(l, 8), w(l, 9), w(l, 10)), residual, *w(l, 11), eps);
-    h = lin(silu_and_mul(lin(h, w(l, 12), w(l, 13), w(l, 14), w(l, 15), w(l, 16))), w(l, 17), w(l, 18), w(l, 19),
-            w(l, 20), w(l, 21));
+    const bool glu_tiles = w(l, 14).has_value() && w(l, 15).has_value() && rows > quant_rows;
+    h = glu_tiles ? linear_w8a8_amx_glu(h, *w(l, 14), w(l, 15)->view({-1}), w(l, 13))
+                  : silu_and_mul(lin(h, w(l, 12), w(l, 13), w(l, 14), w(l, 15), w(l, 16)));
+    h = lin(h, w(l, 17), w(l, 18), w(l, 19), w(l, 20), w(l, 21));
   }
   return add_rms_norm(h, residual, final_norm, eps);
 }
@@ -79,6 +82,8 @@ TORCH_LIBRARY(plexus, m) {
   m.def("has_amx_int8() -> bool", has_amx_int8);
   m.def("pack_int8_amx(Tensor w) -> Tensor");
   m.def("linear_w8a8_amx(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("pack_int8_amx_glu(Tensor w) -> Tensor");
+  m.def("linear_w8a8_amx_glu(Tensor x, Tensor packed, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor w, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -99,6 +104,8 @@ TORCH_LIBRARY_IMPL(plexus, CPU, m) {
   m.impl("scale_rows", scale_rows);
   m.impl("pack_int8_amx", pack_int8_amx);
   m.impl("linear_w8a8_amx", linear_w8a8_amx);
+  m.impl("pack_int8_amx_glu", pack_int8_amx_glu);
+  m.impl("linear_w8a8_amx_glu", linear_w8a8_amx_glu);
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("silu_and_mul", silu_and_mul);
