@@ -261,14 +261,20 @@ namespace {
 // all rows into its own buffer: one parallel region per call instead of two, and the rows in its own cache.
 constexpr int64_t kOwnRows = 64;
 
-// What linear_w8a8_amx and its gate/up form share: the checks, and for longer steps x's rows rounded to int8
-// into a buffer padded to whole tiles (xq [Mp, Kp], scales xs [Mp]).
+// What linear_w8a8_amx and its gate/up form share: the checks, the weight scales and bias as float32, and for
+// longer steps x's rows rounded to int8 into a buffer padded to whole tiles (xq [Mp, Kp], scales xs [Mp]).
 struct Int8Rows {
   at::Tensor xq, xs;   // undefined for steps of at most kOwnRows rows
+  at::Tensor ws, bias;  // bias undefined where there is none
   int64_t M, K, Mp, Kp, Kt;
+
+  const float* ws_ptr() const { return ws.data_ptr<float>(); }
+  const float* bias_ptr() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
 };
 
-Int8Rows int8_rows_for(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+Int8Rows int8_rows_for(const char* op, const at::Tensor& x, const at::Tensor& packed,
+                       const at::Tensor& weight_scale, const c10::optional<at::Tensor>& bias) {
+  const int64_t N = weight_scale.numel();
   TORCH_CHECK(has_amx_int8(), op, ": this CPU or OS gives no AMX tiles");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               op, ": x must be contiguous [M, K] bf16 or fp32");
@@ -279,7 +285,8 @@ Int8Rows int8_rows_for(const char* op, const at::Tensor& x, const at::Tensor& pa
   const int64_t Kt = packed.size(1), Kp = Kt * kTileK, Mp = round_up(M, kBlock);
   TORCH_CHECK(round_up(K, kTileK) == Kp && round_up(N, kBlock) == packed.size(0) * kTileRows, op, ": x has ", K,
               " inputs and weight_scale ", N, " outputs; the packed weight is ", packed.sizes());
-  Int8Rows r{at::Tensor(), at::Tensor(), M, K, Mp, Kp, Kt};
+  Int8Rows r{at::Tensor(), at::Tensor(), weight_scale.to(at::kFloat).contiguous(),
+             bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor(), M, K, Mp, Kp, Kt};
   if (M <= kOwnRows) return r;
   r.xq = at::empty({Mp, Kp}, x.options().dtype(at::kChar));
   r.xs = at::empty({Mp}, x.options().dtype(at::kFloat));
@@ -320,13 +327,11 @@ at::Tensor linear_w8a8_amx(const at::Tensor& x, const at::Tensor& packed, const 
                            const c10::optional<at::Tensor>& bias) {
 #if defined(PLEXUS_AMX)
   const int64_t N = weight_scale.numel();
-  const Int8Rows r = int8_rows_for("linear_w8a8_amx", x, packed, N);
-  const at::Tensor ws = weight_scale.to(at::kFloat).contiguous();
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const Int8Rows r = int8_rows_for("linear_w8a8_amx", x, packed, weight_scale, bias);
   at::Tensor out = at::empty({r.M, N}, x.options());
   if (r.M == 0) return out;
-  const float* wsp = ws.data_ptr<float>();
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const float* wsp = r.ws_ptr();
+  const float* b = r.bias_ptr();
   PLEXUS_DISPATCH(x.scalar_type(), "linear_w8a8_amx", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     amx_matmul(Int8Source<scalar_t>{x.data_ptr<scalar_t>(), r}, r.Mp, r.Kp, packed.data_ptr<int8_t>(),
@@ -356,13 +361,11 @@ at::Tensor linear_w8a8_amx_glu(const at::Tensor& x, const at::Tensor& packed, co
   const int64_t N = weight_scale.numel(), I = N / 2;
   TORCH_CHECK(N % 32 == 0, "linear_w8a8_amx_glu: weight_scale must have 2I entries (gate, then up) with I a "
               "multiple of 16; it has ", N);
-  const Int8Rows r = int8_rows_for("linear_w8a8_amx_glu", x, packed, N);
-  const at::Tensor ws = weight_scale.to(at::kFloat).contiguous();
-  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const Int8Rows r = int8_rows_for("linear_w8a8_amx_glu", x, packed, weight_scale, bias);
   at::Tensor out = at::empty({r.M, I}, x.options());
   if (r.M == 0) return out;
-  const float* wsp = ws.data_ptr<float>();
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const float* wsp = r.ws_ptr();
+  const float* b = r.bias_ptr();
   PLEXUS_DISPATCH(x.scalar_type(), "linear_w8a8_amx_glu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     amx_matmul(Int8Source<scalar_t>{x.data_ptr<scalar_t>(), r}, r.Mp, r.Kp, packed.data_ptr<int8_t>(), I / kTileRows,
