@@ -35,6 +35,7 @@ VARIABLES = {
     "VLLM_CPU_OMP_THREADS_BIND": "CPU cores for plexus's threads, e.g. 0-3 or 0,2; 'auto' or 'nobind': leave as is",
     "VLLM_API_KEY": "the server's API key when --api-key is not given (vLLM's variable)",
     "PLEXUS_API_KEY": "the same, plexus's name (VLLM_API_KEY wins when both are set)",
+    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "how long the \"mp\" executor waits for a worker's step before it is an error; default 300",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1 enables the server's /v1/load_lora_adapter and /v1/unload_lora_adapter",
     "HF_HUB_OFFLINE": "1: resolve hub model ids from the local Hugging Face cache only, never download",
     "HF_HOME": "the Hugging Face home; hub downloads go to $HF_HOME/hub",
@@ -69,6 +70,7 @@ class Environment:
     hub_offline: bool
     cpu_kvcache_space_gib: float | None
     cpu_threads_bind: list[int] | None    # None: leave the threads and their placement as they are
+    execute_model_timeout_s: float = 300.0
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> Environment:
@@ -87,6 +89,7 @@ class Environment:
             hub_offline=_flag(env, "HF_HUB_OFFLINE", False),
             cpu_kvcache_space_gib=_positive_float(env, "VLLM_CPU_KVCACHE_SPACE"),
             cpu_threads_bind=_cores(env, "VLLM_CPU_OMP_THREADS_BIND"),
+            execute_model_timeout_s=_positive_float(env, "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "seconds") or 300.0,
         )
 
     def variables(self) -> dict[str, str]:
@@ -103,7 +106,7 @@ def _hub_cache_dir(env: Mapping[str, str]) -> pathlib.Path:
     return pathlib.Path(home).expanduser() / "hub"
 
 
-def _positive_float(env: Mapping[str, str], name: str) -> float | None:
+def _positive_float(env: Mapping[str, str], name: str, unit: str = "GiB") -> float | None:
     value = env.get(name)
     if not value:
         return None
@@ -112,7 +115,7 @@ def _positive_float(env: Mapping[str, str], name: str) -> float | None:
     except ValueError:
         number = 0.0
     if not number > 0:
-        raise ValueError(f"{name}={value!r} is not a positive number of GiB")
+        raise ValueError(f"{name}={value!r} is not a positive number of {unit}")
     return number
 
 

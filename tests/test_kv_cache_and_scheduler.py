@@ -7,6 +7,7 @@ from plexus.core.kv_cache import KVCacheManager
 from plexus.core.request import Request, RequestStatus
 from plexus.core.sampling_params import SamplingParams
 from plexus.core.scheduler import Scheduler
+from plexus.core.step import StepOutput, TokenLogprobs
 
 BS = 4
 
@@ -17,12 +18,11 @@ def make_request(rid: str, prompt: list[int], **params) -> Request:
 
 
 def run_step(scheduler: Scheduler, new_token: int = 7):
-    """Schedule, 'run' (advance computed counts) and append a token to every request that sampled."""
+    """Schedule, 'run' (a model that samples new_token wherever it samples) and update."""
     out = scheduler.schedule()
-    sampled = [s.request for s in out.scheduled if s.samples]
-    scheduler.update_after_step(out)
-    for request in sampled:
-        request.append_token(new_token)
+    output = StepOutput(sampled={s.request.request_id: [TokenLogprobs(new_token, 0.0, None)]
+                                 for s in out.scheduled if s.samples})
+    scheduler.update_from_output(out, output)
     return out
 
 
@@ -157,3 +157,61 @@ def test_out_of_blocks_preempts_the_newest_request_and_it_resumes_later():
     # 'new' recomputes its prompt and the token it had generated, then samples again.
     assert [(s.request.request_id, s.num_tokens, s.samples) for s in out.scheduled] == [("new", 5, True)]
     assert new.token_ids == [5, 6, 7, 8, 7, 7]
+
+
+def test_update_from_output_keeps_accepted_drafts_and_rolls_back_the_rest():
+    """k = 6 drafts scheduled after the real token, the model accepts j = 1 and samples one more. Worked by
+    hand with block_size 4: prompt 1..6 computed, then 100 sampled.
+
+    step 2 positions: 6:100  7:d0=101  8:d1=102  9:d2  10:d3  11:d4  12:d5   (7 positions, blocks 2 and 3 new)
+    the model returns [101 (= d0, accepted), 200 (its own)]: positions 6-7 hold final tokens, 8-12 are
+    rejected. After: tokens = prompt + [100, 101, 200], 8 computed, blocks 0-1 kept, 2-3 back in the pool,
+    block 1 (tokens 5, 6, 100, 101) hashed; nothing of a rejected draft is in the prefix cache."""
+    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_prefix_caching=True)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, enable_chunked_prefill=True,
+                                          max_model_len=64), kv)
+    r = make_request("a", [1, 2, 3, 4, 5, 6])
+    scheduler.add(r)
+    run_step(scheduler, new_token=100)
+    assert r.token_ids == [1, 2, 3, 4, 5, 6, 100] and r.num_computed_tokens == 6 and len(r.block_ids) == 2
+
+    r.draft_token_ids = [101, 102, 103, 104, 105, 106]
+    out = scheduler.schedule()
+    (s,) = out.scheduled
+    assert (s.start, s.num_tokens, s.draft_token_ids, s.samples) == (6, 7, [101, 102, 103, 104, 105, 106], True)
+    assert s.token_ids == [100, 101, 102, 103, 104, 105, 106]
+    assert len(r.block_ids) == 4 and kv.num_free_blocks == 4          # KV reserved for every draft
+    kept, rejected = r.block_ids[:2], r.block_ids[2:]
+
+    updates = scheduler.update_from_output(out, StepOutput(sampled={"a": [TokenLogprobs(101, -0.1, None),
+                                                                          TokenLogprobs(200, -0.2, None)]}))
+    assert [t.token_id for t in updates[0].new_tokens] == [101, 200]
+    assert r.token_ids == [1, 2, 3, 4, 5, 6, 100, 101, 200]
+    assert r.num_computed_tokens == 8 and r.draft_token_ids == []
+    assert r.block_ids == kept and kv.num_free_blocks == 6
+    assert all(kv.ref_counts[b] == 0 and kv.block_hash[b] is None for b in rejected)
+    first = hash((None, (1, 2, 3, 4)))
+    second = hash((first, (5, 6, 100, 101)))
+    assert kv.cached == {first: kept[0], second: kept[1]}
+
+    # The next step computes the model's own token at position 8, in a fresh block.
+    out = scheduler.schedule()
+    assert (out.scheduled[0].start, out.scheduled[0].token_ids) == (8, [200]) and len(r.block_ids) == 3
+
+
+def test_drafts_never_run_past_max_tokens_and_a_stop_inside_them_ends_the_request():
+    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, enable_chunked_prefill=True,
+                                          max_model_len=64), kv)
+    r = Request(request_id="a", prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(stop_token_ids=[42]),
+                max_tokens=4, eos_token_ids=frozenset())
+    scheduler.add(r)
+    run_step(scheduler, new_token=9)
+    r.draft_token_ids = [10, 42, 11, 12, 13]
+    out = scheduler.schedule()
+    assert out.scheduled[0].draft_token_ids == [10, 42]        # 1 output so far, max_tokens 4: room for 2 drafts
+    scheduler.update_from_output(out, StepOutput(sampled={"a": [TokenLogprobs(10, 0.0, None),
+                                                                TokenLogprobs(42, 0.0, None),
+                                                                TokenLogprobs(7, 0.0, None)]}))
+    assert r.output_token_ids == [9, 10, 42] and r.status == RequestStatus.FINISHED_STOPPED and r.stop_reason == 42
+    assert r.block_ids == [] and kv.num_free_blocks == 8

@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from plexus import LLM, SamplingParams
-from plexus.core.step import SequenceStep, StepInput, StepOutput, TokenLogprobs
+from plexus.core.step import SamplingSettings, SequenceStep, StepInput, StepOutput, TokenLogprobs
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village"]
 
@@ -65,7 +65,10 @@ def test_step_input_holds_no_live_objects(two_engines):
     step = pickle.loads(recorded[0][0])
     assert isinstance(step.sequences[0], SequenceStep)
     for value in vars(step.sequences[0]).values():
-        assert isinstance(value, (str, int, bool, list, SamplingParams, type(None))), type(value)
+        assert isinstance(value, (str, int, bool, list, SamplingSettings, type(None))), type(value)
+    # The sampling settings are plain fields too: no SamplingParams (with its callables) crosses.
+    for value in vars(step.sequences[0].params).values():
+        assert isinstance(value, (str, int, float, bool, list, dict, type(None))), type(value)
 
 
 class _MultiTokenWorker:

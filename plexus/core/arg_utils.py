@@ -16,6 +16,7 @@ import plexus.model_files as model_files
 from plexus.core.config import (
     DTYPES, CacheConfig, CompilationConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig,
     StructuredOutputsConfig)
+from plexus.core.unsupported_settings import UNSUPPORTED
 from plexus.envs import Environment
 from plexus.model_files.hf_config import quantization_method
 
@@ -28,9 +29,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("plexus")
 
+
+def _with_unsupported_settings(cls: type) -> type:
+    """Every vLLM setting plexus does not act on (core/unsupported_settings.py) becomes a field at vLLM's
+    default, after the fields plexus acts on, so a vLLM script that passes one runs and any other value is
+    refused by _refuse_unsupported."""
+    for name, setting in UNSUPPORTED.items():
+        if name not in cls.__annotations__:
+            cls.__annotations__[name] = setting.type
+            setattr(cls, name, setting.default)
+    return cls
+
+
 @dataclass
+@_with_unsupported_settings
 class EngineArgs:
-    """The engine's settings, with vLLM's names and defaults."""
+    """The engine's settings, with vLLM's names and defaults: those plexus acts on here, and every other
+    setting of vLLM's EngineArgs (core/unsupported_settings.py), accepted at its default and refused otherwise."""
 
     model: str | None = None
     tokenizer: str | None = None
@@ -40,7 +55,7 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int | None = 0
     max_model_len: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256             # vLLM's None means this default too
     max_num_batched_tokens: int | None = None
     block_size: int | None = None       # None: the platform's default (16; max_model_len on Neuron)
     enable_prefix_caching: bool = True
@@ -49,12 +64,10 @@ class EngineArgs:
     device: str = "auto"
     quantization: str | None = None
     tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None   # "uni" | "mp"; None: "uni" for one rank, else "mp"
     kv_cache_space: float | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
-    swap_space: float = 4
-    cpu_offload_gb: float = 0
     enforce_eager: bool = False
     compilation_config: int | dict | None = None
     max_seq_len_to_capture: int = 8192
@@ -72,8 +85,6 @@ class EngineArgs:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     lora_dtype: str = "auto"
-    enable_lora_bias: bool = False
-    fully_sharded_loras: bool = False
     qlora_adapter_name_or_path: str | None = None
     override_neuron_config: dict | None = None
     # Structured outputs (xgrammar): vLLM's structured_outputs_config ({"backend": "auto" | "xgrammar",
@@ -81,6 +92,19 @@ class EngineArgs:
     # and its older guided_decoding_backend.
     structured_outputs_config: dict | StructuredOutputsConfig | None = None
     guided_decoding_backend: str = "auto"
+    hf_token: bool | str | None = None           # the hub token: True, the stored login's; a string, that token
+    hf_overrides: dict | None = None             # merged into config.json's values (a callable may edit the config)
+    override_generation_config: dict | None = None   # merged over generation_config.json's sampling defaults
+    cudagraph_capture_sizes: list[int] | None = None     # compilation_config's, as vLLM's top-level flag
+    max_cudagraph_capture_size: int | None = None        # the largest compiled batch; larger ones run eagerly
+    kv_cache_memory_bytes: int | None = None     # the KV cache's size in bytes, instead of the platform's budget
+    log_level: str | None = None                 # the "plexus" logger's level: debug, info, warning, error
+
+    def __post_init__(self) -> None:
+        # vLLM's None for these means "the default", as here.
+        for name in ("max_num_seqs", "enable_prefix_caching", "enable_chunked_prefill"):
+            if getattr(self, name) is None:
+                setattr(self, name, next(f.default for f in dataclasses.fields(self) if f.name == name))
 
     @classmethod
     def from_kwargs(cls, caller: str, **kwargs: Any) -> EngineArgs:
@@ -95,13 +119,20 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for f in dataclasses.fields(EngineArgs):
+            if f.name.startswith("_"):      # vLLM's internal fields have no flag
+                continue
             flag = "--" + f.name.replace("_", "-")
             if f.name == "served_model_name":
                 parser.add_argument(flag, nargs="+", default=f.default)
-            elif f.type in ("bool",):
+            elif f.name == "hf_token":      # vLLM's --hf-token alone means True: the stored login's token
+                parser.add_argument(flag, nargs="?", const=True, default=f.default)
+            elif f.type in ("bool", "bool | None"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             elif "dict" in f.type:        # vLLM's JSON flags: --override-neuron-config '{"cast_logits_dtype": ...}'
                 parser.add_argument(flag, type=_json_arg, default=f.default)
+            elif f.type.startswith("list["):
+                parser.add_argument(flag, nargs="+", type=int if f.type.startswith("list[int]") else str,
+                                    default=f.default)
             else:
                 kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
                 parser.add_argument(flag, type=kind, default=f.default)
@@ -132,7 +163,7 @@ class EngineArgs:
             raise ValueError(f"override_neuron_config applies to device='neuron' only; this engine runs on the "
                              f"{platform.name} platform")
         hub = model_files.HubOptions(cache_dir=Path(self.download_dir) if self.download_dir else env.hub_cache_dir,
-                                     offline=env.hub_offline)
+                                     offline=env.hub_offline, token=self.hf_token)
         if self._runs_gguf_natively(platform, env):
             logger.info("Running the GGUF file's quantized weights as stored (quantization='gguf'); set dtype= "
                         "to run it dequantized")
@@ -141,7 +172,8 @@ class EngineArgs:
         tokenizer_dir = None
         if self.tokenizer is not None and not self.skip_tokenizer_init:
             tokenizer_dir = model_files.resolve_tokenizer_dir(self.tokenizer, hub, self.tokenizer_revision)
-        hf_config = model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code)
+        hf_config = _override_hf_config(model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code),
+                                        self.hf_overrides)
         self._check_load_format(model_dir, hf_config)
         max_model_len = _max_model_len(hf_config, self.max_model_len)
         if self.max_num_batched_tokens is not None:
@@ -165,7 +197,7 @@ class EngineArgs:
         if self.tensor_parallel_size > platform.max_tensor_parallel_size():
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
                              f"platform supports ({platform.max_tensor_parallel_size()})")
-        generation_config = model_files.load_generation_config(model_dir) if self.generation_config == "auto" else {}
+        generation_config = {**self._generation_config(model_dir), **(self.override_generation_config or {})}
         model_dtype = _parse_dtype(self.dtype, hf_config)
         lora = self._lora_config(platform)
         if self.qlora_adapter_name_or_path:
@@ -194,14 +226,46 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched,
                 enable_chunked_prefill=self.enable_chunked_prefill, max_model_len=max_model_len,
                 policy=self.scheduling_policy, max_loras=lora.max_loras if lora else 0),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    distributed_executor_backend=self._executor_backend()),
             platform=platform, quantization=quantization, enforce_eager=self.enforce_eager,
-            compilation=CompilationConfig.parse(self.compilation_config, self.enforce_eager, self.max_num_seqs,
+            compilation=CompilationConfig.parse(self._compilation_settings(), self.enforce_eager, self.max_num_seqs,
                                                 self.max_seq_len_to_capture),
             env=env, extra=extra, lora=lora, structured_outputs=structured_outputs,
         )
         platform.check_and_update_config(config)
+        if self.kv_cache_memory_bytes is not None:
+            config.cache.num_gpu_blocks_override = _blocks_in(self.kv_cache_memory_bytes, config)
+        if self.log_level is not None:
+            logging.getLogger("plexus").setLevel(self.log_level.upper())
         return config
+
+    def _generation_config(self, model_dir: Path) -> dict:
+        """vLLM's generation_config: "auto", the model's generation_config.json; "vllm", none; else a directory
+        holding one."""
+        if self.generation_config == "vllm":
+            return {}
+        directory = model_dir if self.generation_config == "auto" else Path(self.generation_config).expanduser()
+        if self.generation_config != "auto" and not (directory / "generation_config.json").is_file():
+            raise ValueError(f"generation_config={self.generation_config!r}: expected 'auto', 'vllm' or a directory "
+                             "holding generation_config.json")
+        return model_files.load_generation_config(directory)
+
+    def _compilation_settings(self) -> Any:
+        """compilation_config with the top-level cudagraph_capture_sizes / max_cudagraph_capture_size (vLLM's
+        shorthands for its keys) merged in; the same key set twice to different values is an error."""
+        value = self.compilation_config
+        shorthands = {key: getattr(self, key) for key in ("cudagraph_capture_sizes", "max_cudagraph_capture_size")
+                      if getattr(self, key) is not None}
+        if not shorthands:
+            return value
+        value = {"level": value} if isinstance(value, int) and not isinstance(value, bool) else dict(value or {})
+        for key, setting in shorthands.items():
+            if value.get(key, setting) != setting:
+                raise ValueError(f"{key}={setting!r} differs from compilation_config's {key}={value[key]!r}; "
+                                 "set one of them")
+            value[key] = setting
+        return value
 
     def _runs_gguf_natively(self, platform, env) -> bool:
         """quantization and dtype unset, a GGUF file (the bundled model by default) whose linear weights are all
@@ -255,24 +319,33 @@ class EngineArgs:
                              f"is {quantization!r}; set quantization='bitsandbytes' or leave load_format='auto'")
 
     # Settings vLLM has that plexus does not act on: refused when set to anything but their default, since a
-    # setting accepted and ignored would be a silent lie. (setting, why)
-    _UNSUPPORTED = {
-        "swap_space": "plexus preempts by recomputing and never swaps KV blocks to host memory",
-        "cpu_offload_gb": "plexus keeps every weight on the device; weight offloading is not supported",
-        "enable_lora_bias": "LoRA adapters with a bias on lora_B (PEFT's lora_bias) are not supported",
-        "fully_sharded_loras": "LoRA weights are not sharded across tensor-parallel ranks",
-        "pipeline_parallel_size": "pipeline parallelism is not supported",
-    }
+    # setting accepted and ignored would be a silent lie. {setting: Unsupported(why, default, ...)}
+    _UNSUPPORTED = UNSUPPORTED
 
     def _refuse_unsupported(self) -> None:
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, why in self._UNSUPPORTED.items():
+        for name, setting in self._UNSUPPORTED.items():
             value = getattr(self, name)
-            if value != defaults[name]:
-                raise ValueError(f"{name}={value!r} is not supported: {why}; leave it at its default "
-                                 f"({defaults[name]!r})")
+            if not setting.accepts(value):
+                also = "".join(f" or {v!r}" for v in setting.also)
+                raise ValueError(f"{name}={value!r} is not supported: {setting.why}; leave it at its default "
+                                 f"({setting.default!r}{also})")
         if self.tokenizer_mode not in ("auto", "slow"):
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported; allowed: auto, slow")
+
+    def _executor_backend(self) -> str:
+        backend = self.distributed_executor_backend
+        if backend is None:
+            return "uni" if self.tensor_parallel_size == 1 else "mp"
+        if backend == "ray":
+            raise ValueError('distributed_executor_backend="ray" is not supported yet (multi-node parallelism on '
+                             'Ray is the next executor); allowed: "uni", "mp"')
+        if backend not in ("uni", "mp"):
+            raise ValueError(f"distributed_executor_backend={backend!r} is not supported; allowed: "
+                             '"uni" (the worker in this process), "mp" (one worker process per rank)')
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(f'distributed_executor_backend="uni" runs one worker, but tensor_parallel_size='
+                             f'{self.tensor_parallel_size} needs one per rank; use "mp"')
+        return backend
 
     def _check_ranges(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -303,8 +376,18 @@ class EngineArgs:
              f"max_seq_len_to_capture must be a positive integer, got {self.max_seq_len_to_capture!r}")
         need(self.load_format in ("auto", "safetensors", "gguf", "bitsandbytes"),
              f"load_format must be one of auto, safetensors, gguf, bitsandbytes; got {self.load_format!r}")
-        need(self.generation_config in ("auto", "vllm"),
-             f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
+        need(isinstance(self.generation_config, str) and self.generation_config != "",
+             f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
+        need(self.kv_cache_memory_bytes is None or self.num_gpu_blocks_override is None,
+             "kv_cache_memory_bytes and num_gpu_blocks_override both size the KV cache; set one of them")
+        need(self.kv_cache_memory_bytes is None or isinstance(self.kv_cache_memory_bytes, int)
+             and self.kv_cache_memory_bytes > 0,
+             f"kv_cache_memory_bytes must be a positive integer, got {self.kv_cache_memory_bytes!r}")
+        need(self.log_level is None or str(self.log_level).lower() in ("debug", "info", "warning", "error",
+                                                                         "critical"),
+             f"log_level must be debug, info, warning, error or critical; got {self.log_level!r}")
+        need(self.hf_token is None or isinstance(self.hf_token, (bool, str)),
+             f"hf_token must be True, False or a token string, got {type(self.hf_token).__name__}")
         need(isinstance(self.max_loras, int) and self.max_loras >= 1,
              f"max_loras must be a positive integer, got {self.max_loras!r}")
         need(self.max_lora_rank in LORA_RANKS,
@@ -314,6 +397,35 @@ class EngineArgs:
         need(isinstance(self.lora_dtype, torch.dtype) or self.lora_dtype == "auto" or self.lora_dtype in DTYPES,
              f"lora_dtype must be 'auto', 'float32', 'bfloat16' or 'float16'; got {self.lora_dtype!r}")
         need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
+
+
+def _override_hf_config(hf_config: PretrainedConfig, overrides: Any) -> PretrainedConfig:
+    """vLLM's hf_overrides: a dict merged into config.json's values (a dict for a sub-config updates it), or a
+    callable that takes the config and returns it."""
+    if overrides is None:
+        return hf_config
+    if callable(overrides):
+        return overrides(hf_config)
+    if not isinstance(overrides, dict):
+        raise ValueError(f"hf_overrides must be a dict or a callable, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and hasattr(current, "to_dict"):     # a sub-config (text_config, ...)
+            current.update(value)
+        else:
+            setattr(hf_config, key, value)
+    return hf_config
+
+
+def _blocks_in(nbytes: int, config: EngineConfig) -> int:
+    """How many KV blocks kv_cache_memory_bytes holds: keys and values of every layer, block_size tokens each."""
+    m = config.model
+    per_block = (2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim
+                 * torch.empty((), dtype=m.dtype).element_size())
+    if nbytes < per_block:
+        raise ValueError(f"kv_cache_memory_bytes={nbytes} holds no KV block of {config.cache.block_size} tokens "
+                         f"({per_block} bytes)")
+    return nbytes // per_block
 
 
 def _qlora_target_modules(path: str, hub: model_files.HubOptions) -> list[str]:

@@ -77,7 +77,6 @@ class CacheConfig:
     kv_cache_space: float | None       # GiB, CPU-style budget
     gpu_memory_utilization: float      # fraction, accelerator-style budget
     num_gpu_blocks_override: int | None
-    num_blocks: int = 0                # filled in by the worker from the budget
 
 
 @dataclass
@@ -106,6 +105,11 @@ class LoRAConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"   # "uni" (the worker in this process) | "mp" (one process a rank)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
 
 
 @dataclass
@@ -117,7 +121,7 @@ class CompilationConfig:
     cudagraph_capture_sizes: list[int] = field(default_factory=list)
     max_seq_len_to_capture: int | None = None   # longer sequences run eagerly
 
-    KEYS: ClassVar[tuple[str, ...]] = ("level", "cudagraph_capture_sizes")
+    KEYS: ClassVar[tuple[str, ...]] = ("level", "cudagraph_capture_sizes", "max_cudagraph_capture_size")
 
     @classmethod
     def parse(cls, value: Any, enforce_eager: bool, max_num_seqs: int,
@@ -139,9 +143,15 @@ class CompilationConfig:
         if level not in (0, 1, 2, 3):
             raise ValueError(f"compilation_config level must be 0, 1, 2 or 3, got {level!r}")
         sizes = value.get("cudagraph_capture_sizes")
-        sizes = (buckets.power_of_two_buckets(max_num_seqs) if sizes is None else
+        largest = value.get("max_cudagraph_capture_size")   # vLLM's: the largest size; larger batches run eagerly
+        if largest is not None and (isinstance(largest, bool) or not isinstance(largest, int) or largest < 1):
+            raise ValueError(f"max_cudagraph_capture_size must be a positive integer, got {largest!r}")
+        sizes = (buckets.power_of_two_buckets(min(max_num_seqs, largest or max_num_seqs)) if sizes is None else
                  buckets.validate_buckets(sizes, "compilation_config.cudagraph_capture_sizes",
                                           max_value=max_num_seqs, max_name="max_num_seqs"))
+        if largest is not None and sizes[-1] != min(largest, max_num_seqs):
+            raise ValueError(f"max_cudagraph_capture_size={largest} must be the largest of cudagraph_capture_sizes "
+                             f"({sizes[-1]})")
         return cls(level=0 if enforce_eager else level, cudagraph_capture_sizes=sizes,
                    max_seq_len_to_capture=max_seq_len_to_capture)
 

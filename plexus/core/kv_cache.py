@@ -98,13 +98,18 @@ class KVCacheManager:
             self.block_hash[block_id] = block_hash
             self.cached.setdefault(block_hash, block_id)
 
-    def free(self, request: Request) -> None:
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back the blocks past the first num_tokens positions (slots of rejected draft tokens)."""
+        keep = self.blocks_needed(num_tokens)
         # Tail blocks first, so the deepest (least shareable) blocks are evicted first.
-        for block_id in reversed(request.block_ids):
+        for block_id in reversed(request.block_ids[keep:]):
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
-        request.block_ids = []
+        del request.block_ids[keep:]
+
+    def free(self, request: Request) -> None:
+        self.trim(request, 0)
 
     def reset_prefix_cache(self) -> bool:
         if any(self.ref_counts):

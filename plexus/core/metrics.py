@@ -91,3 +91,51 @@ class LoggingStatLogger(StatLogger):
                     f", Preemptions: {self.preemptions}" if self.preemptions else "")
         self.last_log = now
         self._reset()
+
+
+def step_stats(scheduler, kv_cache, now: float, num_preemptions: int = 0, lora: bool = False) -> StepStats:
+    """The queue and cache numbers of this moment, and the prefix-cache counts since the last step."""
+    stats = StepStats(now=now, num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+                      kv_cache_usage=kv_cache.usage(), num_preemptions=num_preemptions)
+    stats.prefix_cache_queries, stats.prefix_cache_hits = scheduler.take_prefix_cache_stats()
+    if lora:
+        names = {r.lora_id: r.lora_request.lora_name for r in (*scheduler.running, *scheduler.waiting)
+                 if r.lora_id}
+        stats.running_lora_adapters = sorted({names[r.lora_id] for r in scheduler.running if r.lora_id})
+        stats.waiting_lora_adapters = sorted({names[r.lora_id] for r in scheduler.waiting if r.lora_id})
+    return stats
+
+
+def add_token_stats(stats: StepStats, update, first_sequence: bool, num_prompt_tokens: int) -> None:
+    """A sequence produced tokens this step (update: core/scheduler.RequestUpdate): its time to first token
+    (the request's first sequence only, so a request counts once) or the gap since its last token, and the
+    request's prompt once it starts generating."""
+    request = update.request
+    stats.num_generation_tokens += len(update.new_tokens)
+    if update.previous_token_time is None:
+        if first_sequence:
+            stats.time_to_first_tokens.append(request.first_token_time - request.arrival_time)
+            stats.num_prompt_tokens += num_prompt_tokens
+    else:
+        stats.inter_token_latencies.append(request.last_token_time - update.previous_token_time)
+
+
+def finished_stats(state, now: float) -> FinishedRequestStats:
+    """state: the engine's RequestState (core/output_processor.py) of a request that just ended."""
+    first = state.sequences[0].request
+    reasons = [seq.request.status.finish_reason or "abort" for seq in state.sequences]
+    reason = next((r for r in ("error", "abort", "stop") if r in reasons), reasons[0])
+    return FinishedRequestStats(
+        finish_reason=reason, e2e_latency=now - first.arrival_time,
+        queue_time=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
+        num_prompt_tokens=len(state.prompt_token_ids),
+        num_generation_tokens=sum(seq.request.num_output_tokens for seq in state.sequences),
+        max_tokens=state.params.max_tokens, n=state.params.n)
+
+
+def record(loggers: list[StatLogger], stats: StepStats) -> None:
+    for stat_logger in loggers:
+        try:
+            stat_logger.record(stats)
+        except Exception as error:  # noqa: BLE001  (a broken logger must not stop generation)
+            logger.warning("stat logger %s failed: %s", type(stat_logger).__name__, error)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from plexus.core import stopping
 from plexus.core.detokenizer import detokenize_logprob_token
 from plexus.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from plexus.core.request import Request
@@ -16,10 +15,10 @@ from plexus.core.step import TokenLogprobs
 
 @dataclass
 class SequenceState:
-    """Engine-side state of one generated sequence: its text and logprobs."""
+    """Engine-side state of one generated sequence: its logprobs and what was already returned (its text is
+    in request.stop_strings' detokenizer)."""
     request: Request
     index: int
-    stop_strings: stopping.StopStrings | None     # holds the detokenizer; None without one
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
     sent_tokens: int = 0            # output tokens already returned (DELTA outputs)
@@ -60,6 +59,21 @@ class OutputProcessor:
             return None
         return detokenize_logprob_token(self.tokenizer, token_id)
 
+    def add_tokens(self, seq: SequenceState, tokens: list[TokenLogprobs]) -> None:
+        """The logprobs of the tokens a step appended to the sequence."""
+        decode = seq.request.sampling_params.detokenize
+        for sampled in tokens:
+            seq.cumulative_logprob += sampled.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(self.logprob_dict(sampled, decode))
+
+    def add_prompt_logprobs(self, request: Request, state: RequestState, entries: list[TokenLogprobs]) -> None:
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
+        decode = request.sampling_params.detokenize
+        request.prompt_logprobs.extend(self.logprob_dict(e, decode) for e in entries)
+        state.prompt_logprobs = request.prompt_logprobs
+
     def make_output(self, state: RequestState, now: float) -> RequestOutput | None:
         """The RequestOutput for this step, or None when its output kind has nothing to say yet."""
         params = state.params
@@ -92,8 +106,8 @@ class OutputProcessor:
     def _completion(self, seq: SequenceState, index: int, state: RequestState, delta: bool) -> CompletionOutput:
         request = seq.request
         text = ""
-        if seq.stop_strings is not None:
-            detokenizer = seq.stop_strings.detokenizer
+        if request.stop_strings is not None:
+            detokenizer = request.stop_strings.detokenizer
             text = detokenizer.get_next_output_text(finished=request.is_finished, delta=delta)
         token_ids = list(request.output_token_ids)
         logprobs = seq.logprobs

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from plexus.core.sampling_params import SamplingParams
+from plexus.core.step import SamplingSettings
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +47,7 @@ class Request:
     lora_request: object = None          # its LoRARequest, or None
     lora_cache_key: int | None = None    # keys its prefix-cache blocks apart from other adapters' (LoRAManager)
     grammar: object = None               # structured outputs: its GrammarMatcher (core/structured_output.py)
+    stop_strings: object = None          # its stopping.StopStrings (holds the detokenizer); None without one
     arrival_time: float = field(default_factory=time.time)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -56,6 +58,9 @@ class Request:
     num_cached_tokens: int = 0            # prompt tokens served from the prefix cache
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # of the full blocks of token_ids
+    # Proposed next tokens for the model to verify in its next step (speculative decoding fills it; the
+    # scheduler schedules them after the real tokens and update_from_output clears it).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     # Prompt logprobs accumulate across prefill chunks.
     prompt_logprobs: list | None = None
@@ -67,6 +72,7 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.sampling = SamplingSettings.from_params(self.sampling_params)   # what crosses the step boundary
 
     @property
     def num_tokens(self) -> int:

@@ -1,16 +1,42 @@
 """The step boundary: what the core hands the model side for one step, and what comes back.
 
-Plain, picklable data only (ids, lists, SamplingParams, integer seeds), never a live Request or a
-torch.Generator, so the model side may live in another process (tensor-parallel ranks, a remote worker).
+Plain, picklable data only (ids, lists, the sampling settings as plain fields, integer seeds), never a live
+Request, SamplingParams or torch.Generator, so the model side may live in another process (the "mp"
+executor's workers, tensor-parallel ranks, Ray actors). A request's logits_processors are the one kind of
+callable that crosses: by cloudpickle, checked when the request is added (core/executor).
 Randomness is reproducible without shared state: a seeded sequence's noise for a step comes from
 (seed, seed_offset), where the offset counts the tokens it has sampled so far."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from plexus.core.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What the model side reads of a request's SamplingParams, under vLLM's names (the sampler's settings
+    and how many logprobs to return). Made once per request."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: list[Callable] | None = None
+
+    @classmethod
+    def from_params(cls, params: SamplingParams) -> SamplingSettings:
+        return cls(**{name: getattr(params, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -22,7 +48,7 @@ class SequenceStep:
     start: int
     block_ids: list[int]
     sample: bool
-    params: SamplingParams
+    params: SamplingSettings
     num_prompt_tokens: int
     seed: int | None = None              # None: the worker's shared generator
     seed_offset: int = 0                 # tokens this sequence has sampled before this step
@@ -38,6 +64,9 @@ class SequenceStep:
     # Structured outputs: the tokens its grammar allows next, bit t % 32 of word t // 32 set for token t
     # (xgrammar's layout); int32 [ceil(vocab_size / 32)]. None: no constraint this step (or it allows all).
     token_bitmask: np.ndarray | None = None
+    # The last len(draft_token_ids) of token_ids are proposed tokens to verify (speculative decoding): the
+    # model returns the ones it accepts and one more token of its own.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +97,7 @@ class TokenLogprobs:
 
 @dataclass
 class StepOutput:
-    # request_id -> the tokens it accepted this step, in order (one today; several for speculative decoding)
+    # request_id -> the tokens it accepted this step, in order: one, or the accepted drafts and one more
     sampled: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # request_id -> logprobs of the prompt positions this step scored, in order
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

@@ -34,7 +34,7 @@ class ModelRunner:
         self.vocab_size = config.model.vocab_size
         self.use_decode_kernel = attn_backend.decode_reads_block_tables
         self.use_varlen_kernel = getattr(attn_backend, "prefill_reads_block_tables", False)
-        self.sampler = Sampler(model.ops.greedy_sample)
+        self.sampler = Sampler(model.ops.greedy_sample) if model.ops.greedy_sample else Sampler()
         # The shared generator of unseeded sequences: this worker's own state, seeded from the engine's seed.
         self.generator = torch.Generator(device=device).manual_seed(config.model.seed)
         self.compiled: CompiledDecode | None = None
@@ -48,6 +48,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         seqs = step.sequences
+        if any(s.draft_token_ids for s in seqs):
+            raise NotImplementedError("this runner does not verify draft tokens yet (speculative decoding)")
         input_ids: list[int] = []
         for s in seqs:
             input_ids.extend(s.token_ids)

@@ -68,33 +68,29 @@ def kv_bytes_per_block(config) -> int:
 
 
 class Worker:
+    """Two-phase start, as the executor drives it: the constructor loads the model; the engine asks every
+    worker determine_num_available_blocks() and gives all of them the smallest in initialize_cache()."""
+
     def __init__(self, config, platform, rank: int = 0) -> None:
         self.config = config
         self.platform = platform
         self.rank = rank
         self.device = torch.device(platform.device_type)
         platform.set_num_threads(config)
-        attn_backend = resolve_obj_by_qualname(platform.attention_backend(config))
-        self.model = build_model(config, platform, attn_backend)
-        m = config.model
+        self.attn_backend = resolve_obj_by_qualname(platform.attention_backend(config))
+        self.model = build_model(config, platform, self.attn_backend)
         self.lora = None
         if config.lora is not None:    # (before the KV cache, whose budget may be what is left on the device)
             from plexus.models.lora import LoRAModel
 
             self.lora = LoRAModel(self.model, config.lora.max_loras, config.lora.max_lora_rank,
-                                  config.lora.lora_dtype or m.dtype, self.device)
-        self.num_blocks = self._num_kv_blocks()
-        config.cache.num_blocks = self.num_blocks
-        # One tensor per layer: [2 (k, v), num_blocks + 1, block_size, num_kv_heads, head_dim]. The extra
-        # block, never handed to the block manager, is scratch for padding rows of compiled graphs.
-        shape = (2, self.num_blocks + 1, config.cache.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
-        self.runner = ModelRunner(config, self.model, self.kv_caches, self.device, scratch_block=self.num_blocks,
-                                  attn_backend=attn_backend, lora=self.lora)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks, config.cache.block_size,
-                    self.num_blocks * config.cache.block_size)
+                                  config.lora.lora_dtype or config.model.dtype, self.device)
+        self.num_blocks = 0
+        self.kv_caches: list[torch.Tensor] = []
+        self.runner: ModelRunner | None = None
 
-    def _num_kv_blocks(self) -> int:
+    def determine_num_available_blocks(self) -> int:
+        """How many KV blocks this worker's budget holds (the engine takes the minimum over workers)."""
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
@@ -106,6 +102,19 @@ class Worker:
                              f"({per_block} bytes); raise kv_cache_space or gpu_memory_utilization")
         return num_blocks
 
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache: one tensor per layer, [2 (k, v), num_blocks + 1, block_size, num_kv_heads,
+        head_dim]. The extra block, never handed to the block manager, is scratch for padding rows of
+        compiled graphs."""
+        m, cache = self.config.model, self.config.cache
+        self.num_blocks = num_blocks
+        shape = (2, num_blocks + 1, cache.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [self.platform.zeros(shape, m.dtype) for _ in range(m.num_layers)]
+        self.runner = ModelRunner(self.config, self.model, self.kv_caches, self.device, scratch_block=num_blocks,
+                                  attn_backend=self.attn_backend, lora=self.lora)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, cache.block_size,
+                    num_blocks * cache.block_size)
+
     def _kv_budget_bytes(self) -> int:
         return self.platform.kv_cache_budget_bytes(self.config)
 
@@ -116,3 +125,6 @@ class Worker:
         if self.lora is None:
             raise ValueError("LoRA is not enabled on this worker (enable_lora=True)")
         return self.lora.targets()
+
+    def check_health(self) -> None:
+        """Raises if this worker cannot run steps (a platform's worker may check its device here)."""

@@ -60,6 +60,10 @@ class CudaWorker(Worker):
             if config.cache.num_gpu_blocks_override is None:
                 check_free_at_startup(*torch.cuda.mem_get_info(), config.cache.gpu_memory_utilization)
         super().__init__(config, platform, rank)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        super().initialize_cache(num_blocks)
+        config = self.config
         graphs = not config.enforce_eager and (self.lora is None) and self.device.type == "cuda"
         self.runner.compiled = None
         if graphs:

@@ -117,7 +117,7 @@ class NeuronWorker:
         self.config = config
         self.device = torch.device("cpu")      # the SDK takes and returns host tensors; sampling runs here
         # One KV slot per sequence, the compiled batch: the block manager hands out slot ids.
-        self.num_blocks = config.cache.num_blocks = settings.batch_size
+        self.num_blocks = settings.batch_size
         if settings.backend == REFERENCE_BACKEND:
             from plexus.platforms.neuron.reference import ReferenceCompiledModel
 
@@ -130,6 +130,18 @@ class NeuronWorker:
         self.runner = NeuronModelRunner(settings, self.model, config.model.seed)
         logger.info("Neuron (%s): batch %d, context buckets %s, token-gen buckets %s, tp %d", settings.backend,
                     settings.batch_size, settings.context_buckets, settings.token_gen_buckets, settings.tp_degree)
+
+    def determine_num_available_blocks(self) -> int:
+        return self.num_blocks
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """The compiled model holds its own KV cache, one slot per sequence of the batch."""
+        if num_blocks != self.num_blocks:
+            raise ValueError(f"the Neuron worker serves {self.num_blocks} KV slots (its compiled batch), "
+                             f"not {num_blocks}")
+
+    def check_health(self) -> None:
+        pass
 
     def execute_model(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
