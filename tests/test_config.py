@@ -43,6 +43,10 @@ def test_every_engine_args_field_is_honoured_or_refused():
         "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "qlora_adapter_name_or_path",
         # structured outputs (test_structured_outputs.py)
         "structured_outputs_config", "guided_decoding_backend",
+        # vLLM's newer settings (test_vllm_engine_args.py)
+        "hf_token", "hf_overrides", "override_generation_config", "cudagraph_capture_sizes",
+        "max_cudagraph_capture_size", "kv_cache_memory_bytes", "log_level",
+        "distributed_executor_backend",
     }
     assert {f.name for f in dataclasses.fields(EngineArgs)} == refused | honoured
 

@@ -27,6 +27,7 @@ TOKENIZER_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "voc
 class HubOptions:
     cache_dir: pathlib.Path       # huggingface_hub's cache (download_dir, else $HF_HUB_CACHE / $HF_HOME/hub)
     offline: bool = False         # HF_HUB_OFFLINE
+    token: bool | str | None = None   # hf_token: huggingface_hub's token argument (None: its own default)
 
 
 def resolve_model_dir(model: str | None, cache_root: pathlib.Path | None = None, hub: HubOptions | None = None,
@@ -73,7 +74,7 @@ def from_hub(what: str, repo_id: str, hub: HubOptions | None, revision: str | No
     at = f" at revision {revision!r}" if revision else ""
     try:
         return pathlib.Path(snapshot_download(repo_id, revision=revision, cache_dir=hub.cache_dir,
-                                              allow_patterns=patterns, local_files_only=True))
+                                              allow_patterns=patterns, local_files_only=True, token=hub.token))
     except (HFValidationError, OSError, ValueError) as error:
         cached = f"not in the Hugging Face cache {hub.cache_dir}{at} ({type(error).__name__})"
     if hub.offline:
@@ -81,7 +82,7 @@ def from_hub(what: str, repo_id: str, hub: HubOptions | None, revision: str | No
                          "downloading it (unset it, or point HF_HOME / download_dir at a cache that has it)")
     try:
         return pathlib.Path(snapshot_download(repo_id, revision=revision, cache_dir=hub.cache_dir,
-                                              allow_patterns=patterns))
+                                              allow_patterns=patterns, token=hub.token))
     except Exception as error:  # noqa: BLE001  (network, auth, missing repo: all end in one message)
         raise ValueError(f"{what} {repo_id!r}: not a local path, {cached}, and downloading it from the Hugging "
                          f"Face hub failed: {type(error).__name__}: {str(error).splitlines()[0]}") from None
