@@ -109,6 +109,10 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine loop died: {self.dead_error}") from self.dead_error
         if not self._thread.is_alive():
             raise EngineDeadError("the engine loop is not running")
+        try:
+            self.engine.check_health()       # a worker process that is gone (the "mp" executor)
+        except Exception as error:  # noqa: BLE001
+            raise EngineDeadError(f"the engine cannot run steps: {error}") from error
 
     async def get_tokenizer(self, lora_request: Any = None):
         return self.engine.get_tokenizer()
@@ -200,6 +204,7 @@ class AsyncLLM:
             self._wake.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     # ------------------------------------------------------------------ the loop
 

@@ -51,7 +51,8 @@ class MultiprocExecutor(Executor):
         self.dead: WorkerDiedError | None = None
         self._dir = tempfile.mkdtemp(prefix="plexus-workers-")
         authkey = os.urandom(32)
-        env = dict(os.environ, **{AUTHKEY_VARIABLE: authkey.hex()})
+        # The engine's import path, so what a request brings by reference (a logits processor's module) imports there.
+        env = dict(os.environ, **{AUTHKEY_VARIABLE: authkey.hex(), "PYTHONPATH": os.pathsep.join(sys.path)})
         self.workers = [
             _WorkerHandle(rank, subprocess.Popen(
                 [sys.executable, "-m", "plexus.core.executor.worker_process", self._address(rank), str(rank)],
@@ -116,6 +117,10 @@ class MultiprocExecutor(Executor):
                 try:
                     status, value, trace = cloudpickle.loads(worker.conn.recv_bytes())
                 except (EOFError, OSError):
+                    try:             # the connection closes as the process ends: wait to read its exit code
+                        worker.process.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
                     self._check_alive(worker, f"running {name}")
                     self._die(WorkerDiedError(f"worker rank {worker.rank} closed its connection while running {name}"))
                 if status == "error":
@@ -132,10 +137,14 @@ class MultiprocExecutor(Executor):
         return self.collective_rpc("execute_model", timeout=self.timeout_s, args=(step,))[0]
 
     def check_health(self) -> None:
+        """Whether every worker process is still there. Reads only process state, so another thread (the
+        server's health check) may call it while a step runs."""
         if self.dead is not None:
             raise WorkerDiedError(str(self.dead))
         for worker in self.workers:
-            self._check_alive(worker, "idle")
+            code = worker.process.poll()
+            if code is not None:
+                raise WorkerDiedError(f"worker rank {worker.rank} (pid {worker.process.pid}) exited with code {code}")
 
     def shutdown(self) -> None:
         self._finalizer()

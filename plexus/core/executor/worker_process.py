@@ -24,12 +24,13 @@ def main(address: str, rank: int) -> None:
     worker = None
     while True:
         try:
-            method, args, kwargs = cloudpickle.loads(conn.recv_bytes())
+            message = conn.recv_bytes()
         except EOFError:
             return
-        if method == "shutdown":
-            return
         try:
+            method, args, kwargs = cloudpickle.loads(message)
+            if method == "shutdown":
+                return
             if method == "__init__":
                 config = args[0]
                 worker = config.platform.make_worker(config, rank)
