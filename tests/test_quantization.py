@@ -100,11 +100,11 @@ def test_only_the_decoder_layers_matmuls_are_quantized():
     from transformers import Qwen2Config
 
     from plexus.models.layers.attention import TorchPagedAttention
-    from plexus.models.llama import LlamaForCausalLM
+    from plexus.models.qwen2 import Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg, TorchPagedAttention, 64, quant_config=NeuronQuantConfig()).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(cfg, TorchPagedAttention, 64, quant_config=NeuronQuantConfig()).to(torch.bfloat16)
     quantized = {name for name, m in model.named_modules() if isinstance(m, LinearLayer) and m.method.quantized}
     assert quantized == {f"layers.{i}.{proj}" for i in range(2) for proj in (
         "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}

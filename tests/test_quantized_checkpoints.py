@@ -18,7 +18,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from plexus import LLM, SamplingParams
 from plexus.models.layers.linear import LinearLayer
-from plexus.models.llama import _SHARDS
 
 ROOT = pathlib.Path(__file__).parent / "fixtures" / "quantized"
 FIXTURES = sorted(p.name for p in ROOT.iterdir() if (p / "reference.safetensors").is_file())
@@ -51,7 +50,8 @@ def test_every_dequantized_weight_equals_the_writers(fixture):
         if not isinstance(layer, LinearLayer):
             continue
         parent, _, name = prefix.rpartition(".")
-        shards = [f"model.{parent}.{s}.weight" if parent else f"{s}.weight" for s in _SHARDS.get(name, (name,))]
+        shards = [f"model.{parent}.{s}.weight" if parent else f"{s}.weight"
+                  for s in model.packed_modules_mapping.get(name, (name,))]
         if not layer.method.quantized:
             assert not any(s in reference for s in shards), f"{prefix}: the writer quantized it, plexus did not"
             continue

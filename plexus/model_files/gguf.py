@@ -45,12 +45,6 @@ _SHARD_BYTES = 2 * 1024**3
 # whose rotary embedding already uses the half-split (NEOX) layout.
 _ARCHITECTURES = {"llama": True, "qwen2": False}
 
-_MODEL_TYPE_TO_ARCHITECTURE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-
 _TOP_LEVEL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -162,8 +156,10 @@ def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path, quantized: boo
     if quantized:
         _check_quantized_types(reader, gguf_path)
 
+    from plexus.models.registry import MODEL_TYPE_TO_ARCHITECTURE
+
     config = transformers.AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config.architectures = [_MODEL_TYPE_TO_ARCHITECTURE[config.model_type]]
+    config.architectures = [MODEL_TYPE_TO_ARCHITECTURE[config.model_type]]
     file_type = _read_field(reader, "general.file_type")
     config.dtype = _FILE_TYPE_TO_DTYPE.get(file_type, "float16")
     head_rows = False

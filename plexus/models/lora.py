@@ -183,7 +183,7 @@ class LoRAModel:
             self.stacks[key] = stack
             self.deltas[key] = (layer, delta)
             if self.attached:
-                self._attach_one(layer, delta)
+                layer.delta = delta
         return self.stacks[key]
 
     def load(self, slot: int, weights) -> None:
@@ -219,20 +219,9 @@ class LoRAModel:
         if active != self.attached:
             self.attached = active
             for layer, delta in self.deltas.values():
-                if active:
-                    self._attach_one(layer, delta)
-                elif hasattr(layer, "num_embeddings"):
-                    self.model.embed_delta = None
-                else:
-                    layer.delta = None
+                layer.delta = delta if active else None
             self.model.ops.forget_model(self.model)
 
     def set_rows(self, slots: list[int]) -> None:
         """The slot of each row of the next logits computation (a subset of the step's tokens)."""
         self.state.set(slots, self.device)
-
-    def _attach_one(self, layer, delta) -> None:
-        if hasattr(layer, "num_embeddings"):
-            self.model.embed_delta = delta
-        else:
-            layer.delta = delta

@@ -1,16 +1,19 @@
-"""Which model class runs a checkpoint, from its config's architectures."""
+"""Which model class runs a checkpoint, from its config's architectures: the one registry every caller reads
+(the worker's build_model, the GGUF converter)."""
 from __future__ import annotations
 
 from plexus.models.llama import LlamaForCausalLM
+from plexus.models.qwen2 import Qwen2ForCausalLM
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,   # Mistral's layers are Llama's (its window caps max_model_len)
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
 }
 
-# A config.json written from a bare LlamaConfig has no "architectures"; its model_type says enough.
-_MODEL_TYPE_TO_ARCHITECTURE = {
+# config.json's model_type -> the architecture a config without "architectures" runs as (one written from a
+# bare LlamaConfig, or converted from a GGUF file).
+MODEL_TYPE_TO_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -21,8 +24,8 @@ def resolve_architecture(hf_config) -> str:
     """The first of the config's architectures plexus runs; sets hf_config.architectures to it.
     Raises ValueError naming the supported ones otherwise."""
     architectures = list(getattr(hf_config, "architectures", None) or [])
-    if not architectures and hf_config.model_type in _MODEL_TYPE_TO_ARCHITECTURE:
-        architectures = [_MODEL_TYPE_TO_ARCHITECTURE[hf_config.model_type]]
+    if not architectures and hf_config.model_type in MODEL_TYPE_TO_ARCHITECTURE:
+        architectures = [MODEL_TYPE_TO_ARCHITECTURE[hf_config.model_type]]
     supported = [arch for arch in architectures if arch in ARCHITECTURES]
     if not supported:
         named = ", ".join(architectures) or f"none (model_type {hf_config.model_type!r})"
@@ -30,3 +33,4 @@ def resolve_architecture(hf_config) -> str:
                          f"supported architectures: {', '.join(sorted(ARCHITECTURES))}")
     hf_config.architectures = supported
     return supported[0]
+

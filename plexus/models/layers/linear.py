@@ -204,3 +204,21 @@ class LinearLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, "
                 f"method={type(self.method).__name__}, parallel={self.parallel}")
+
+
+class LinearBuilder:
+    """Makes a model's LinearLayers, each with the method its quantization config picks for the layer's
+    checkpoint names: a fused layer's are its shards' (q_proj, k_proj, v_proj for qkv_proj), from the model's
+    packed_modules_mapping."""
+
+    def __init__(self, ops: ModelOps, quant_config, packed_modules_mapping: dict[str, list[str]]) -> None:
+        """quant_config: a plexus.models.quantization config, or None for unquantized layers."""
+        self.ops, self.quant_config, self.packed = ops, quant_config, packed_modules_mapping
+
+    def __call__(self, prefix: str, input_size: int, output_sizes: list[int], bias: bool) -> LinearLayer:
+        method: LinearMethod | None = None
+        if self.quant_config is not None:
+            parent, _, name = prefix.rpartition(".")
+            shards = [f"{parent}.{s}" if parent else s for s in self.packed.get(name, (name,))]
+            method = self.quant_config.linear_method(prefix, shards)
+        return LinearLayer(input_size, output_sizes, bias, method=method, ops=self.ops)

@@ -1,0 +1,37 @@
+"""What a decoder layer computes, declared by the model for the whole-model fast paths.
+
+A platform's fast path that replaces the model's own layer-by-layer forward (the CPU platform's fused C++
+decode step; compiled and captured decode graphs) implements some recipes and runs a model only if the
+model's `decode_recipe` is one of them. A model that computes anything else (one more norm, another
+activation, a window) declares another recipe, or none, and runs layer by layer with the same kernels per op:
+a fast path never looks at a model's modules to guess what it computes.
+
+Biases are no part of a recipe: they belong to their LinearLayer, and every path adds each layer's own."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderRecipe:
+    # "rms": RMSNorm before attention and before the MLP, the residual added into the next norm, and one after
+    # the last layer, all with the same eps
+    norm: str = "rms"
+    # "rope": rotate-half rotary embedding of q and k from one cos/sin table shared by every layer
+    position: str = "rope"
+    # RMSNorm of q and k per head before the rotary embedding (Qwen3, Gemma 3)
+    qk_norm: bool = False
+    # "causal": grouped-query attention over every earlier position, scale head_dim ** -0.5 (no sliding
+    # window, sinks or soft-capping)
+    attention: str = "causal"
+    # "dense": one gated MLP, down(act(gate) * up), per layer ("moe": routed experts)
+    mlp: str = "dense"
+    activation: str = "silu"
+    # The layout the fused paths read: layers[i].input_layernorm, .self_attn (qkv_proj, o_proj),
+    # .post_attention_layernorm, .mlp (gate_up_proj, down_proj); model.rotary, model.norm
+    # (plexus.models.layers.decoder)
+    layout: str = "decoder-layer"
+
+
+# Llama, Mistral, Qwen2, SmolLM: what the shared DecoderLayer computes.
+LLAMA_RECIPE = DecoderRecipe()
