@@ -287,3 +287,124 @@ def test_lazy_import_inside_a_function_is_reported(tmp_path):
         "worker/worker.py": ""})
     assert rule_violations(root, "core") == [
         f"{RULES['core'][0]}: plexus/core/engine.py:4: plexus.core.engine -> plexus.worker.worker (core -> worker)"]
+
+
+# --- fast paths are declared, never assumed --------------------------------------------------------------
+# A whole-model fast path (the CPU platform's fused C++ decode step, compiled decode graphs) runs a model only
+# if the model declares the recipe the path implements (plexus.models.layers.recipe). Planted here: a Llama
+# with one more op, Qwen3's RMSNorm of each query head before the rotary embedding, which the fused kernel does
+# not compute.
+
+def _cpu_kernel_ops():
+    import shutil
+
+    from plexus.envs import cache_dir
+    from plexus.platforms.cpu import kernels
+
+    if shutil.which("c++") is None or not kernels.load(cache_dir()):
+        pytest.skip("needs the CPU kernels (a C++ compiler)")
+    from plexus.platforms.cpu.ops import CpuModelOps, CpuPagedAttention
+
+    return CpuModelOps(fused_decode=True), CpuPagedAttention
+
+
+def _q_norm_llama(declares):
+    """A Llama subclass whose attention normalizes each query head, declaring `declares` as its recipe."""
+    import torch
+
+    from plexus.models.layers.decoder import SelfAttention
+    from plexus.models.layers.norm import RMSNorm
+    from plexus.models.llama import LlamaForCausalLM
+
+    class QNormAttention(SelfAttention):
+        def forward(self, positions, x, kv_cache, meta):
+            q, kv = self.qkv_proj(x).split([self.q_size, 2 * self.kv_size], dim=-1)
+            q = self.q_norm(q.reshape(-1, self.head_dim).contiguous()).view(q.shape)
+            self.rotary.to_device(positions.device)
+            q = self.ops.rope_and_cache(torch.cat([q, kv], dim=-1).contiguous(), positions, self.rotary.cos,
+                                        self.rotary.sin, kv_cache, meta.slot_mapping, self.num_heads,
+                                        self.num_kv_heads, self.head_dim)
+            return self.o_proj(self.attn(q, kv_cache, meta))
+
+    class QNormLlama(LlamaForCausalLM):
+        decode_recipe = declares
+
+        def make_layer(self, cfg, attn_backend, linear, prefix):
+            layer = super().make_layer(cfg, attn_backend, linear, prefix)
+            layer.self_attn.__class__ = QNormAttention
+            layer.self_attn.q_norm = RMSNorm(layer.self_attn.head_dim, cfg.rms_norm_eps, linear.ops)
+            return layer
+
+    return QNormLlama
+
+
+def _decode_step(model_cls, ops, backend):
+    """(the model, its fused output, its layer-by-layer output) for one decode step of two sequences whose
+    earlier keys and values are random."""
+    import torch
+    from transformers import LlamaConfig
+
+    from plexus.models.layers.attention import AttentionMetadata
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = model_cls(cfg, backend, 64, ops=ops).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3)
+    caches = [torch.randn(2, 6, 4, 2, 16) for _ in range(2)]
+    meta = AttentionMetadata.build([1, 1], [5, 9], [[0, 1], [2, 3, 4]], 4, torch.device("cpu"),
+                                   use_decode_kernel=True)
+    ids = torch.tensor([3, 7])
+    with torch.inference_mode():
+        fused = model(ids, meta.positions, [c.clone() for c in caches], meta, fused=True)
+        eager = model(ids, meta.positions, [c.clone() for c in caches], meta, fused=False)
+        hidden = model.embed_tokens(ids)
+        ran_fused = ops.decode_layers(model, hidden, meta.positions, [c.clone() for c in caches], meta) is not None
+    return model, fused, eager, ran_fused
+
+
+def test_fused_decode_runs_the_recipe_it_implements():
+    import torch
+
+    from plexus.models.llama import LlamaForCausalLM
+
+    ops, backend = _cpu_kernel_ops()
+    _, fused, eager, ran_fused = _decode_step(LlamaForCausalLM, ops, backend)
+    assert ran_fused
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("declares", ["qk_norm", "nothing"])
+def test_model_with_an_extra_op_falls_back_to_layer_by_layer(declares):
+    import dataclasses
+
+    import torch
+
+    from plexus.models.layers.recipe import LLAMA_RECIPE
+
+    ops, backend = _cpu_kernel_ops()
+    recipe = dataclasses.replace(LLAMA_RECIPE, qk_norm=True) if declares == "qk_norm" else None
+    _, fused, eager, ran_fused = _decode_step(_q_norm_llama(recipe), ops, backend)
+    assert not ran_fused
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    # The check has teeth: the same model declaring Llama's recipe is taken by the fused kernel, which has no
+    # q-norm, and its output is wrong.
+    _, wrong, eager, ran_fused = _decode_step(_q_norm_llama(LLAMA_RECIPE), ops, backend)
+    assert ran_fused
+    assert (wrong - eager).abs().max() > 1e-2
+
+
+def test_compiled_decode_graphs_serve_only_a_declared_recipe():
+    import torch
+
+    from plexus.models.layers.attention import AttentionMetadata
+    from plexus.models.layers.recipe import LLAMA_RECIPE
+    from plexus.worker.compiled_decode import CompiledDecode
+
+    meta = AttentionMetadata.build([1, 1], [5, 9], [[0, 1], [2, 3, 4]], 4, torch.device("cpu"),
+                                   use_decode_kernel=True)
+    for model_cls, bucket in [(_q_norm_llama(LLAMA_RECIPE), 2), (_q_norm_llama(None), None)]:
+        graphs = CompiledDecode(model_cls, [], [1, 2, 4], max_blocks=16, scratch_block=5, block_size=4)
+        assert graphs.bucket_for(meta) == bucket

@@ -64,13 +64,15 @@ def test_max_seq_len_to_capture_sends_longer_sequences_to_the_eager_path():
     import torch
 
     from plexus.models.layers.attention import AttentionMetadata
+    from plexus.models.llama import LlamaForCausalLM
     from plexus.worker.compiled_decode import CompiledDecode
 
     config = EngineArgs(dtype="float32", max_seq_len_to_capture=32, max_num_seqs=4,
                         compilation_config={"level": 3, "cudagraph_capture_sizes": [2, 4]}).create_engine_config()
     assert config.compilation.max_seq_len_to_capture == 32
-    compiled = CompiledDecode(None, [], config.compilation.cudagraph_capture_sizes, max_blocks=64, scratch_block=0,
-                              block_size=16, max_seq_len=config.compilation.max_seq_len_to_capture)
+    # (the class stands for a model: what the graphs ask of it is its declared decode_recipe)
+    compiled = CompiledDecode(LlamaForCausalLM, [], config.compilation.cudagraph_capture_sizes, max_blocks=64,
+                              scratch_block=0, block_size=16, max_seq_len=config.compilation.max_seq_len_to_capture)
 
     def decode_step(seq_lens):
         return AttentionMetadata.build([1] * len(seq_lens), seq_lens, [[0, 1, 2]] * len(seq_lens), 16,

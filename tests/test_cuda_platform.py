@@ -17,7 +17,7 @@ from plexus import LLM, SamplingParams
 from plexus.platforms import registry
 from plexus.platforms.cpu import CpuPlatform
 from plexus.platforms.cuda import CudaPlatform
-from plexus.platforms.cuda.graphs import DecodeBuffers
+from plexus.worker.compiled_decode import DecodeBuffers
 from plexus.platforms.cuda.worker import check_free_at_startup, kv_budget_from_profile, profile_batch
 
 HAS_CUDA = torch.cuda.is_available()

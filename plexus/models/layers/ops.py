@@ -102,11 +102,9 @@ class ModelOps:
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.reshape(k.shape))
         return q
 
-    def greedy_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row of [N, V] logits: the argmax (int64) and its log-probability (fp32)."""
-        ids = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids[:, None])[:, 0]
-        return ids, logprobs
+    # A platform's one-pass greedy pick for the sampler's common case: logits [N, V] -> (argmax int64, its
+    # log-probability fp32), as plexus.core.sampler.greedy_sample computes it; None: the sampler's own.
+    greedy_sample = None
 
     def forget_model(self, model: torch.nn.Module) -> None:
         """Drop whatever this object cached about `model` (called when a layer's delta or method changes)."""
@@ -114,5 +112,6 @@ class ModelOps:
     def decode_layers(self, model: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                       kv_caches: list[torch.Tensor], meta) -> torch.Tensor | None:
         """Every decoder layer and the final norm of a decode-only step in one call, or None where this
-        platform has no such fused step (the model then runs layer by layer)."""
+        platform has no such fused step for the model's declared decode_recipe (plexus.models.layers.recipe:
+        the model then runs layer by layer)."""
         return None

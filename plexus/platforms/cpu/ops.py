@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from plexus.core import sampler
 from plexus.models.layers.attention import TorchPagedAttention, _DecodeGroup
 from plexus.models.layers.linear import UNQUANTIZED
 from plexus.models.layers.ops import ModelOps
+from plexus.models.layers.recipe import LLAMA_RECIPE
 from plexus.platforms.cpu import kernels
+
+# What llama_decode_layers computes (kernels/ops.cpp): RMSNorm pre-norms, fused q/k/v with rotate-half rotary,
+# causal GQA, a dense SiLU-gated MLP. Any other model runs layer by layer, through the same kernels per op.
+FUSED_DECODE_RECIPES = frozenset({LLAMA_RECIPE})
 
 
 def _cpu(t: torch.Tensor) -> bool:
@@ -143,13 +149,15 @@ class CpuModelOps(ModelOps):
         if _cpu(logits) and logits.dim() == 2 and logits.stride(1) == 1 and logits.dtype in (
                 torch.float32, torch.bfloat16):
             return torch.ops.plexus.greedy_sample(logits)
-        return super().greedy_sample(logits)
+        return sampler.greedy_sample(logits)
 
     def decode_layers(self, model, hidden, positions, kv_caches, meta):
-        """All layers of a step of one-token sequences in one C++ call, for the Llama family with unquantized
-        or packed-integer weights (PackedInt), no per-token deltas and the kernel's own decode metadata (no
+        """All layers of a step of one-token sequences in one C++ call (llama_decode_layers), for a model
+        that declares the recipe the kernel implements (FUSED_DECODE_RECIPES), with unquantized or
+        packed-integer weights (PackedInt), no per-token deltas and the kernel's own decode metadata (no
         mask)."""
-        if not (self.fused_decode and _cpu(hidden) and meta.decode is not None and meta.decode.mask is None
+        if not (self.fused_decode and model.decode_recipe in FUSED_DECODE_RECIPES and _cpu(hidden)
+                and meta.decode is not None and meta.decode.mask is None
                 and all(c.dtype == hidden.dtype and c.is_contiguous() for c in kv_caches)):
             return None
         # Integer layers take the VNNI GEMV up to QUANT_LINEAR_MAX_ROWS; longer steps run fused only where
