@@ -289,6 +289,25 @@ def test_lazy_import_inside_a_function_is_reported(tmp_path):
         f"{RULES['core'][0]}: plexus/core/engine.py:4: plexus.core.engine -> plexus.worker.worker (core -> worker)"]
 
 
+# --- one file per architecture, one registry ------------------------------------------------------------
+
+def test_model_files_have_no_model_type_flags():
+    """What differs between architectures is declared by their classes, never branched on inside models/."""
+    found = [f"{path.relative_to(PLEXUS.parent)}:{node.lineno}" for path in sorted((PLEXUS / "models").rglob("*.py"))
+             if path.name != "registry.py"
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Attribute) and node.attr == "model_type"]
+    assert found == []
+
+
+def test_every_registered_architecture_declares_its_shards_and_recipe():
+    from plexus.models.registry import ARCHITECTURES, MODEL_TYPE_TO_ARCHITECTURE
+
+    assert set(MODEL_TYPE_TO_ARCHITECTURE.values()) <= set(ARCHITECTURES)
+    for cls in set(ARCHITECTURES.values()):
+        assert {"packed_modules_mapping", "decode_recipe"} <= set(vars(cls)), cls.__name__
+
+
 # --- fast paths are declared, never assumed --------------------------------------------------------------
 # A whole-model fast path (the CPU platform's fused C++ decode step, compiled decode graphs) runs a model only
 # if the model declares the recipe the path implements (plexus.models.layers.recipe). Planted here: a Llama
