@@ -233,6 +233,8 @@ class SamplingParams:
         structured_outputs: A StructuredOutputsParams (or a dict of its fields): the output follows a
             JSON schema, a regex, a choice of strings, an EBNF grammar or a structural tag.
         guided_decoding: vLLM's older name for structured_outputs (a GuidedDecodingParams).
+        use_beam_search, length_penalty, early_stopping: vLLM 0.6's beam search settings, accepted at their
+            defaults and refused otherwise, as vLLM 0.6.2 did: beam search is LLM.beam_search.
     """
 
     n: int = 1
@@ -266,6 +268,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     extra_args: dict[str, Any] | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     # Derived in __post_init__: characters of output text the detokenizer
     # must hold back because they might be the start of a stop string.
@@ -355,6 +360,18 @@ class SamplingParams:
                                  "structured_outputs (guided_decoding is vLLM's older name for it)")
 
     def _refuse_unsupported(self) -> None:
+        if self.use_beam_search:
+            width = self.best_of or self.n
+            raise ValueError(
+                "use_beam_search=True: beam search is not a sampling parameter (vLLM dropped it from SamplingParams "
+                f"in 0.6.3); run it with LLM.beam_search(prompts, BeamSearchParams(beam_width={width}, "
+                f"max_tokens={self.max_tokens}, length_penalty={self.length_penalty}))."
+            )
+        if self.length_penalty != 1.0 or self.early_stopping is not False:
+            raise ValueError(
+                "length_penalty and early_stopping apply to beam search only (vLLM 0.6's names); leave them at "
+                "1.0 and False, and pass length_penalty to LLM.beam_search's BeamSearchParams instead."
+            )
         if self.truncate_prompt_tokens is not None:
             raise ValueError(
                 "truncate_prompt_tokens is not supported: plexus never truncates "

@@ -44,7 +44,8 @@ _KERNEL = ("a choice among vLLM's CUDA kernel backends; plexus's platform picks 
            "C++ on CPU)")
 _MAMBA = "plexus runs no Mamba or hybrid state-space models, so there is no Mamba state to configure"
 _OFFLOAD = "plexus keeps every weight and KV block on its device; offloading to host memory is not supported"
-_OBS = "plexus reports Prometheus metrics at the server's /metrics and logs stats; this tracing or metric is not supported"
+_OBS = ("plexus reports Prometheus metrics at the server's /metrics and logs stats; this tracing or metric is "
+        "not supported")
 _SLEEP = "sleep mode (releasing GPU memory while idle, through CUDA's cumem allocator) is not supported"
 _DISAGG = "disaggregated prefill and KV or encoder-cache transfer between engines are not supported"
 _LOAD = "plexus loads safetensors and GGUF checkpoints with its own loader; this loading option is not supported"

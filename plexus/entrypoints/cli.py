@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF model directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
     qz.add_argument("--method", choices=METHODS, default="gptq")
     qz.add_argument("--bits", type=int, default=4, help="4 or 8 (the awq format: 4)")
-    qz.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one per row")
+    qz.add_argument("--group-size", type=int, default=None,
+                    help="input columns per scale; -1: one per row (default: per row for 8 bits, as "
+                         "compressed-tensors' W8A16; for 4 bits the largest of 128, 64, 32 that divides the inputs)")
     qz.add_argument("--act-order", action="store_true",
                     help="GPTQ: quantize columns by descending Hessian diagonal (gptq format: desc_act, groups "
                          "recorded in g_idx; compressed-tensors: actorder 'weight', groups in column order)")

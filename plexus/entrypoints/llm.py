@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,23 +40,30 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's LLM.reset_prefix_cache); False if some are still in use
+        by running requests, and then nothing is reset."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults, as vLLM does."""
         return SamplingParams(**generation_defaults(self.llm_engine.config.model.generation_config))
 
     def generate(self, prompts: Any = None, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request: Any = None, priority: list[int] | None = None,
+                 use_tqdm: bool = True, lora_request: Any = None, priority: int | list[int] | None = None,
                  prompt_token_ids: list[int] | list[list[int]] | None = None) -> list[RequestOutput]:
         """Generate completions for one prompt or a list of them (strings, ``{"prompt": ...}`` or
         ``{"prompt_token_ids": [...]}``). Returns one RequestOutput per prompt, in input order.
 
         Args:
             sampling_params: one SamplingParams for all prompts, or one per prompt.
-            priority: one integer per prompt; lower runs first with scheduling_policy="priority"
-                (accepted and ignored under the default "fcfs", as in vLLM).
-            prompt_token_ids: vLLM's legacy keyword: one list of token ids, or a list of them.
+            priority: one integer for all prompts, or one per prompt; lower runs first with
+                scheduling_policy="priority" (accepted and ignored under the default "fcfs", as in vLLM).
+            prompt_token_ids: vLLM's legacy keyword (deprecated): one list of token ids, or a list of them.
         """
         if prompt_token_ids is not None:
+            warnings.warn("prompt_token_ids= is deprecated, as in vLLM: pass prompts as {'prompt_token_ids': [...]} "
+                          "(TokensPrompt) instead", DeprecationWarning, stacklevel=2)
             if prompts is not None:
                 raise ValueError("pass either prompts or prompt_token_ids, not both")
             flat = bool(prompt_token_ids) and not isinstance(prompt_token_ids[0], (list, tuple))
@@ -66,8 +74,12 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompts))
-        if priority is not None and len(priority) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities; pass one per prompt")
+        if isinstance(priority, int) and not isinstance(priority, bool):
+            priority = [priority] * len(prompts)
+        elif priority is not None and (not isinstance(priority, (list, tuple)) or len(priority) != len(prompts)):
+            count = f"{len(priority)} priorities" if isinstance(priority, (list, tuple)) else f"priority={priority!r}"
+            raise ValueError(f"got {len(prompts)} prompts but {count}; pass one integer for all prompts or one "
+                             "per prompt")
         lora_list = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
         if len(lora_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(lora_list)} lora_requests; pass one LoRARequest "

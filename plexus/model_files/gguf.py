@@ -142,11 +142,21 @@ def _cache_key(gguf_path: pathlib.Path, quantized: bool = False) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path, quantized: bool) -> None:
+def _reader(gguf_path: pathlib.Path) -> gguf.GGUFReader:
+    """The file's reader, or an error naming the file (a truncated download otherwise surfaces as numpy's
+    "cannot reshape array of size ...", naming nothing)."""
     try:
-        reader = gguf.GGUFReader(gguf_path)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"cannot read GGUF file {gguf_path}: {error}") from None
+        return gguf.GGUFReader(gguf_path)
+    except (ValueError, OSError, IndexError) as error:
+        size = pathlib.Path(gguf_path).stat().st_size if pathlib.Path(gguf_path).is_file() else None
+        damaged = "cannot reshape" in str(error) or isinstance(error, IndexError)
+        why = (f"it is truncated or damaged: its tensors run past the end of its {size} bytes (download it again)"
+               if damaged and size is not None else str(error))
+        raise ValueError(f"cannot read GGUF file {gguf_path}: {why} [{type(error).__name__}: {error}]") from None
+
+
+def _convert_into(gguf_path: pathlib.Path, out_dir: pathlib.Path, quantized: bool) -> None:
+    reader = _reader(gguf_path)
     architecture = _read_field(reader, "general.architecture")
     if architecture not in _ARCHITECTURES:
         raise ValueError(
@@ -220,7 +230,7 @@ def runs_natively_by_default(gguf_path) -> bool:
     other types run faster dequantized."""
     from plexus.models.quantization.gguf import PACKABLE_TYPES
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = _reader(gguf_path)
     linear = [t for t in reader.tensors if t.name not in _IGNORED_TENSORS and _is_linear_weight(_hf_name(t.name))
               and t.name != "token_embd.weight"]
     return bool(linear) and all(t.tensor_type in PACKABLE_TYPES for t in linear)

@@ -28,6 +28,7 @@ def quantize(model: str | None, config: QuantizeConfig, out_dir: str | pathlib.P
     hf_config = json.loads((model_dir / "config.json").read_text())
     model_dtype = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = config.with_group_size(_linear_shapes(hf))     # the checkpoint records the group size used
     quantized = quantize_model(hf, model_dir, config, model_dtype)
 
     plain = {name: t for name, t in hf.state_dict().items() if name.removesuffix(".weight") not in quantized}
@@ -44,17 +45,24 @@ def quantize_model(hf, model_dir: pathlib.Path, config: QuantizeConfig, model_dt
     Returns {"model.layers.i.<linear>": QuantizedWeight}."""
     import torch
 
-    from plexus.quantize.calibration import linears_of
     from plexus.quantize.rtn import Quantizer
 
-    layers = hf.model.layers
-    config.check_shapes({f"model.layers.{i}.{name}": (lin.out_features, lin.in_features)
-                         for i, layer in enumerate(layers) for name, lin in linears_of(layer).items()})
+    shapes = _linear_shapes(hf)
+    config = config.with_group_size(shapes)
+    config.check_shapes(shapes)
     quantizer = Quantizer(config.bits, config.sym, getattr(torch, config.scale_dtype(model_dtype)),
                           min_zero=1 if config.format == "gptq" and not config.sym else 0)
     hf.eval()
     with torch.no_grad():
         return _quantize_layers(hf, model_dir, config, quantizer)
+
+
+def _linear_shapes(hf) -> dict[str, tuple[int, int]]:
+    """{"model.layers.i.<linear>": (out_features, in_features)} of the decoder linears quantized."""
+    from plexus.quantize.calibration import linears_of
+
+    return {f"model.layers.{i}.{name}": (lin.out_features, lin.in_features)
+            for i, layer in enumerate(hf.model.layers) for name, lin in linears_of(layer).items()}
 
 
 def _quantize_layers(hf, model_dir, config, quantizer) -> dict:
