@@ -140,8 +140,12 @@ def _method(scheme: Scheme, prefix: str) -> LinearMethod:
     activations = None if a is None else ("dynamic" if a.get("dynamic", True) else "static")
     if w.get("type", "int") == "float":
         block = tuple(w.get("block_structure") or ()) or None
-        return Fp8LinearMethod(prefix, w.get("strategy", "tensor"), block=block,
-                               static_activations=activations == "static", block_scale_name="weight_scale")
+        # Dynamic activations: per token, or per token and group_size inputs (FP8_BLOCK's 1x128).
+        group = None
+        if activations == "dynamic" and a.get("strategy") == "group":
+            group = int(a.get("group_size") or 0) or None
+        return Fp8LinearMethod(prefix, w.get("strategy", "tensor"), block=block, activations=activations,
+                               activation_group=group, block_scale_name="weight_scale")
     if scheme.format in ("int-quantized", "naive-quantized"):
         return Int8LinearMethod(prefix, weights=w.get("strategy", "tensor"), activations=activations)
     group_size = int(w.get("group_size") or -1) if w.get("strategy") == "group" else -1

@@ -7,13 +7,16 @@
 - Block-wise (`weight_block_size: [bn, bk]`, DeepSeek-V3): `weight_scale_inv` [ceil(out/bn), ceil(in/bk)],
   w[n, k] = q[n, k] * scale_inv[n // bn, k // bk] (multiplied, whatever its name says).
 - `activation_scheme: "static"`: each tensor's `input_scale`; the activations are rounded to e4m3 on that
-  scale (the largest of a fused layer's, as vLLM does) before the matmul. "dynamic": the activations stay in
-  the compute dtype here (vLLM's GPU kernels quantize them per token; weight-only is the more accurate).
-- quantization="fp8" on an unquantized checkpoint quantizes on load, per output channel.
+  scale (the largest of a fused layer's, as vLLM does) before the matmul. "dynamic" (and compressed-tensors'
+  dynamic `input_activations`): rounded to e4m3 on scales computed at each step, amax / 448, per token, or
+  for block-wise weights per token and group of `weight_block_size[1]` inputs (vLLM's 1x128 groups).
+- quantization="fp8" on an unquantized checkpoint quantizes on load, per output channel; its activations stay
+  in the compute dtype (weight only).
 
 The matmul dequantizes a block of rows at a time to the activations' dtype (e4m3 values are exact in bf16),
-except on a platform with an fp8 matmul (ModelOps.fp8_linear: the CUDA platform's torch._scaled_mm on GPUs of
-compute capability 8.9+), which rounds the activations to e4m3 per token as vLLM's GPU kernels do."""
+after rounding the activations as above, except on a platform with an fp8 matmul (ModelOps.fp8_linear: the
+CUDA platform's torch._scaled_mm on GPUs of compute capability 8.9+, per-tensor and per-channel weights),
+which rounds the activations to e4m3 per token (or on the static scale) as vLLM's GPU kernels do."""
 from __future__ import annotations
 
 import math
@@ -34,7 +37,7 @@ _ROWS = 1024
 @dataclass(frozen=True)
 class Fp8Config(QuantizationConfig):
     from_checkpoint: bool = False
-    static_activations: bool = False
+    activations: str | None = None      # "static", "dynamic", or None: not quantized (on load)
     block: tuple[int, int] | None = None
     ignored: tuple[str, ...] = ()
     name = "fp8"
@@ -56,7 +59,7 @@ class Fp8Config(QuantizationConfig):
                                  "(block-wise checkpoints quantize activations dynamically)")
             block = (int(block[0]), int(block[1]))
         ignored = tuple(c.get("ignored_layers") or c.get("modules_to_not_convert") or ())
-        return cls(True, scheme == "static", block, ignored)
+        return cls(True, scheme, block, ignored)
 
     def quantized_method(self, prefix: str) -> LinearMethod | None:
         if prefix == "lm_head":
@@ -64,21 +67,28 @@ class Fp8Config(QuantizationConfig):
         if not self.from_checkpoint:
             return Fp8LinearMethod(prefix, "online")
         if self.block is not None:
-            return Fp8LinearMethod(prefix, "block", block=self.block)
-        return Fp8LinearMethod(prefix, "tensor", static_activations=self.static_activations)
+            return Fp8LinearMethod(prefix, "block", block=self.block, activations=self.activations)
+        return Fp8LinearMethod(prefix, "tensor", activations=self.activations)
 
 
 class Fp8LinearMethod(LinearMethod):
     """strategy: "tensor" (a scalar weight_scale per shard), "channel" ([out, 1]), "block" (weight_scale_inv
-    per block) or "online" (quantize a full-precision weight after loading, per channel)."""
+    per block) or "online" (quantize a full-precision weight after loading, per channel); activations:
+    "static" (`input_scale`), "dynamic" (per token, or per token and block of inputs for "block") or None."""
 
     quantized = True
 
     def __init__(self, prefix: str, strategy: str, block: tuple[int, int] | None = None,
-                 static_activations: bool = False, block_scale_name: str = "weight_scale_inv") -> None:
-        """block_scale_name: vLLM's fp8 checkpoints call block scales weight_scale_inv, compressed-tensors
-        weight_scale."""
-        self.prefix, self.strategy, self.block, self.static_activations = prefix, strategy, block, static_activations
+                 activations: str | None = None, activation_group: int | None = None,
+                 block_scale_name: str = "weight_scale_inv") -> None:
+        """activation_group: dynamic activations' scales per token and this many inputs (default: per token,
+        or block[1] for block-wise weights). block_scale_name: vLLM's fp8 checkpoints call block scales
+        weight_scale_inv, compressed-tensors weight_scale."""
+        if activations not in ("static", "dynamic", None):
+            raise ValueError(f"fp8: activations={activations!r}; supported: static, dynamic, None")
+        self.prefix, self.strategy, self.block, self.activations = prefix, strategy, block, activations
+        self.static_activations = activations == "static"
+        self.activation_group = activation_group or (block[1] if block else None)
         self.block_scale_name = block_scale_name
 
     def create_weights(self, layer: LinearLayer, dtype: torch.dtype) -> None:
@@ -153,7 +163,7 @@ class Fp8LinearMethod(LinearMethod):
         return w * scale.repeat_interleave(self.block[1], 1)[:, :w.shape[1]]
 
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
-        if layer.row_scale.dim() == 1:
+        if layer.row_scale.dim() == 1 and self.activation_group is None:
             out = layer.ops.fp8_linear(x, layer.weight, layer.row_scale, layer.bias_for_rank(),
                                        layer.input_scale_max if self.static_activations else None)
             if out is not None:
@@ -161,8 +171,21 @@ class Fp8LinearMethod(LinearMethod):
         if self.static_activations:
             s = layer.input_scale_max
             x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+        elif self.activations == "dynamic":
+            x = round_to_e4m3_per_group(x, self.activation_group or x.shape[-1])
         n = layer.weight.shape[0]
         outs = [F.linear(x, self.dequantize(layer, slice(r, r + _ROWS)).to(x.dtype)) for r in range(0, n, _ROWS)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         bias = layer.bias_for_rank()
         return y if bias is None else y + bias
+
+
+def round_to_e4m3_per_group(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [..., K] rounded to e4m3 on one scale per token and group of `group` inputs (group = K: per token),
+    scale = amax(|x|) / 448, and returned dequantized in x's dtype. A last group shorter than `group` gets
+    its own scale (zero padding changes no amax)."""
+    k = x.shape[-1]
+    groups = F.pad(x.float(), (0, -k % group)).unflatten(-1, (-1, group))      # [..., ceil(K / group), group]
+    scale = (groups.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).flatten(-2)[..., :k].to(x.dtype)
