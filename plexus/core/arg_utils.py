@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import plexus.model_files as model_files
+from plexus.core import model_settings
 from plexus.core.config import (
     DTYPES, CacheConfig, CompilationConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig,
     StructuredOutputsConfig)
+from plexus.core.engine_flags import add_engine_flags
 from plexus.core.unsupported_settings import UNSUPPORTED
 from plexus.envs import Environment
 from plexus.model_files.hf_config import quantization_method
@@ -118,33 +120,8 @@ class EngineArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        for f in dataclasses.fields(EngineArgs):
-            if f.name.startswith("_"):      # vLLM's internal fields have no flag
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if f.name == "served_model_name":
-                parser.add_argument(flag, nargs="+", default=f.default)
-            elif f.name == "hf_token":      # vLLM's --hf-token alone means True: the stored login's token
-                parser.add_argument(flag, nargs="?", const=True, default=f.default)
-            elif f.type in ("bool", "bool | None"):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            elif "dict" in f.type:        # vLLM's JSON flags: --override-neuron-config '{"cast_logits_dtype": ...}'
-                parser.add_argument(flag, type=_json_arg, default=f.default)
-            elif f.type.startswith("list["):
-                parser.add_argument(flag, nargs="+", type=int if f.type.startswith("list[int]") else str,
-                                    default=f.default)
-            else:
-                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
-                parser.add_argument(flag, type=kind, default=f.default)
-        # vLLM's dotted form of one key of a config flag: --structured-outputs-config.backend xgrammar
-        for key in (f.name for f in dataclasses.fields(StructuredOutputsConfig)):
-            is_bool = key in StructuredOutputsConfig.BOOLS
-            parser.add_argument(f"--structured-outputs-config.{key.replace('_', '-')}",
-                                dest="structured_outputs_config",
-                                action=_ConfigKey, key=key, type=_bool_arg if is_bool else str,
-                                nargs="?" if is_bool else None, const=True if is_bool else None,
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        return parser
+        """One flag per field (vLLM's --kebab-case names), typed from its annotation."""
+        return add_engine_flags(parser, dataclasses.fields(EngineArgs))
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
@@ -172,10 +149,10 @@ class EngineArgs:
         tokenizer_dir = None
         if self.tokenizer is not None and not self.skip_tokenizer_init:
             tokenizer_dir = model_files.resolve_tokenizer_dir(self.tokenizer, hub, self.tokenizer_revision)
-        hf_config = _override_hf_config(model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code),
-                                        self.hf_overrides)
+        hf_config = model_settings.override_hf_config(
+            model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code), self.hf_overrides)
         self._check_load_format(model_dir, hf_config)
-        max_model_len = _max_model_len(hf_config, self.max_model_len)
+        max_model_len = model_settings.max_model_len(hf_config, self.max_model_len)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
         elif self.enable_chunked_prefill:
@@ -198,7 +175,7 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds what the {platform.name} "
                              f"platform supports ({platform.max_tensor_parallel_size()})")
         generation_config = {**self._generation_config(model_dir), **(self.override_generation_config or {})}
-        model_dtype = _parse_dtype(self.dtype, hf_config)
+        model_dtype = model_settings.parse_dtype(self.dtype, hf_config)
         lora = self._lora_config(platform)
         if self.qlora_adapter_name_or_path:
             if quantization != "bitsandbytes":
@@ -212,7 +189,8 @@ class EngineArgs:
                 dtype=model_dtype, max_model_len=max_model_len,
                 seed=0 if self.seed is None else self.seed, max_logprobs=self.max_logprobs,
                 generation_config=generation_config,
-                served_model_name=_first_name(self.served_model_name) or self.model or model_files.BUNDLED_MODEL_NAME,
+                served_model_name=(model_settings.first_name(self.served_model_name) or self.model
+                                   or model_files.BUNDLED_MODEL_NAME),
                 tokenizer_dir=tokenizer_dir,
                 dtype_is_auto=isinstance(self.dtype, str) and self.dtype == "auto",
                 tokenizer_mode=self.tokenizer_mode, trust_remote_code=self.trust_remote_code),
@@ -235,7 +213,7 @@ class EngineArgs:
         )
         platform.check_and_update_config(config)
         if self.kv_cache_memory_bytes is not None:
-            config.cache.num_gpu_blocks_override = _blocks_in(self.kv_cache_memory_bytes, config)
+            config.cache.num_gpu_blocks_override = model_settings.kv_blocks_in(self.kv_cache_memory_bytes, config)
         if self.log_level is not None:
             logging.getLogger("plexus").setLevel(self.log_level.upper())
         return config
@@ -399,35 +377,6 @@ class EngineArgs:
         need(isinstance(self.dtype, (str, torch.dtype)), f"dtype must be a string such as 'auto' or 'bfloat16', got {self.dtype!r}")
 
 
-def _override_hf_config(hf_config: PretrainedConfig, overrides: Any) -> PretrainedConfig:
-    """vLLM's hf_overrides: a dict merged into config.json's values (a dict for a sub-config updates it), or a
-    callable that takes the config and returns it."""
-    if overrides is None:
-        return hf_config
-    if callable(overrides):
-        return overrides(hf_config)
-    if not isinstance(overrides, dict):
-        raise ValueError(f"hf_overrides must be a dict or a callable, got {type(overrides).__name__}")
-    for key, value in overrides.items():
-        current = getattr(hf_config, key, None)
-        if isinstance(value, dict) and hasattr(current, "to_dict"):     # a sub-config (text_config, ...)
-            current.update(value)
-        else:
-            setattr(hf_config, key, value)
-    return hf_config
-
-
-def _blocks_in(nbytes: int, config: EngineConfig) -> int:
-    """How many KV blocks kv_cache_memory_bytes holds: keys and values of every layer, block_size tokens each."""
-    m = config.model
-    per_block = (2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim
-                 * torch.empty((), dtype=m.dtype).element_size())
-    if nbytes < per_block:
-        raise ValueError(f"kv_cache_memory_bytes={nbytes} holds no KV block of {config.cache.block_size} tokens "
-                         f"({per_block} bytes)")
-    return nbytes // per_block
-
-
 def _qlora_target_modules(path: str, hub: model_files.HubOptions) -> list[str]:
     """The module kinds a QLoRA adapter was trained on (its adapter_config.json target_modules): what vLLM's
     bitsandbytes loader quantizes when qlora_adapter_name_or_path is set."""
@@ -452,73 +401,6 @@ def _qlora_target_modules(path: str, hub: model_files.HubOptions) -> list[str]:
     return [str(t).rpartition(".")[2] for t in targets]
 
 
-class _ConfigKey(argparse.Action):
-    """One key of a dict-valued flag, set into that flag's dict (--structured-outputs-config.backend x)."""
-
-    def __init__(self, option_strings, dest, key: str, **kwargs) -> None:
-        super().__init__(option_strings, dest, **kwargs)
-        self.key = key
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), self.key: values})
-
-
-def _bool_arg(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _json_arg(text: str) -> Any:
-    import json
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-
-
-def _parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch.dtype:
-    """'auto' -> the checkpoint's dtype (the platform may then refine it)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype={dtype} is not supported; allowed: auto, float32, bfloat16, float16")
-        return dtype
-    if dtype == "auto":
-        return model_files.checkpoint_dtype(hf_config)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: auto, float32, bfloat16, float16")
-    return DTYPES[dtype]
-
-
-def _max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
-    derived = getattr(hf_config, "max_position_embeddings", None) or 2048
-    source = "max_position_embeddings in config.json"
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) and window < derived:
-        # Attention here is full-context; within the window that is exactly sliding-window attention.
-        derived, source = window, ("sliding_window in config.json: plexus attends over the whole context, "
-                                   "which equals sliding-window attention only up to the window")
-    if requested is None:
-        return derived
-    if requested > derived:
-        raise ValueError(f"max_model_len={requested} is larger than the model's maximum context length "
-                         f"({derived}, {source})")
-    return requested
-
-
 @dataclass
 class AsyncEngineArgs(EngineArgs):
     """vLLM's arguments of the async engine: the same settings (the server adds its own)."""
-
-
-def _first_name(names: str | list[str] | None) -> str | None:
-    """served_model_name may be a list (vLLM's server serves one model under several names); the first is the
-    one responses report."""
-    if isinstance(names, (list, tuple)):
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"served_model_name must be a non-empty string or list of them, got {names!r}")
-        return names[0]
-    return names
