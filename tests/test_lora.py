@@ -284,25 +284,28 @@ def test_chat_and_beam_search_take_a_lora_request(smollm_dir, tmp_path):
 # ---------------------------------------------------------------------------- quantized bases
 
 
-def _dequantized_hf(llm, config_path) -> LlamaForCausalLM:
-    """An HF model holding the weights plexus actually multiplies by: each quantized layer dequantized."""
-    config = json.loads((config_path / "config.json").read_text())
+def _dequantized_hf(base, fixture: str | None) -> LlamaForCausalLM:
+    """An HF model holding the base's weights dequantized without plexus: a fixture's reference.safetensors (the
+    writer library's own dequantization) over its other tensors, or for int8 on load the s8 formula written
+    out (per output row: scale = absmax / 127, round, clamp to +-127) over the fp32 checkpoint."""
+    from safetensors.torch import load_file
+
+    if fixture is None:
+        hf = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for module in hf.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = module.weight.float()
+                    scale = w.abs().amax(dim=1, keepdim=True) / 127
+                    module.weight.copy_((w / scale).round().clamp(-127, 127) * scale)
+        return hf
+    config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)
     hf = LlamaForCausalLM(LlamaConfig(**config)).eval().float()
-    model = llm.llm_engine.executor.worker.model
-    state = {}
-    for name, (layer, shard) in model.lora_modules().items():
-        if shard == "embedding":
-            state["model.embed_tokens.weight"] = layer.weight.detach().float()
-            continue
-        weight = (layer.method.dequantize(layer) if layer.method.quantized else layer.weight).detach().float()
-        offset = sum(layer.output_sizes[:shard])
-        prefix = name if name == "lm_head" else f"model.{name}"
-        state[f"{prefix}.weight"] = weight[offset:offset + layer.output_sizes[shard]]
-    for name, param in model.named_parameters():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
-            state[f"model.{name}"] = param.detach().float()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    state = hf.state_dict()
+    tensors = {k: v for k, v in load_file(base / "model.safetensors").items() if k in state}
+    tensors.update(load_file(base / "reference.safetensors"))
+    missing, unexpected = hf.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return hf
 
@@ -334,24 +337,27 @@ def teacher_forced_agreement(llm, hf_model, adapter: str, sequences, which) -> t
 
 
 QUANTIZED_BASES = {
-    # name: (fixture checkpoint, or None for the tiny fp32 model quantized on load; quantization=)
-    "int8-on-load": (None, "int8"),
-    "awq-w4-g64": ("awq-gemm-4bit-g64", None),
-    "gptq-w4-g64-asym": ("gptq-4bit-g64-asym", None),
+    # name: (fixture checkpoint, or None for the tiny fp32 model quantized on load; quantization=; the bound on
+    # max |d logprob|: measured 7.9e-5 (int8, on the tiny model above), 2.9e-6 (AWQ), 3.3e-6 (GPTQ, both on
+    # the fixtures' 128-wide model), held to about 2.5x that)
+    "int8-on-load": (None, "int8", 2e-4),
+    "awq-w4-g64": ("awq-gemm-4bit-g64", None, 1e-5),
+    "gptq-w4-g64-asym": ("gptq-4bit-g64-asym", None, 1e-5),
 }
 
 
 @pytest.mark.parametrize("case", list(QUANTIZED_BASES))
 def test_adapter_over_a_quantized_base_matches_peft_on_the_dequantized_weights(case, tiny, tmp_path):
-    """The base plexus multiplies by, dequantized into an HF model; the adapter's delta on top must be PEFT's.
-    Measured: top-1 agreement 1.0 and max |d logprob| ~3e-5 (int8), ~3e-6 (W4), in fp32."""
+    """The quantized base dequantized without plexus (the writer's own dequantization, or the int8 formula) in an
+    HF model; plexus's base plus the adapter's delta must be PEFT's on it: top-1 agreement 1.0 at every
+    position, max |d logprob| within the case's bound, in fp32."""
     from pathlib import Path
 
-    fixture, quantization = QUANTIZED_BASES[case]
+    fixture, quantization, bound = QUANTIZED_BASES[case]
     base = tiny[0] if fixture is None else Path(__file__).parent / "fixtures" / "quantized" / fixture
     llm = LLM(model=str(base), skip_tokenizer_init=True, dtype="float32", quantization=quantization,
               enable_lora=True, max_lora_rank=16, kv_cache_space=0.05)
-    hf = _dequantized_hf(llm, base)
+    hf = _dequantized_hf(base, fixture)
     hf_dir = tmp_path / "dequantized"
     hf.save_pretrained(hf_dir)
     adapter = make_adapter(hf_dir, tmp_path / "adapter", 5, r=8, lora_alpha=16, target_modules=ALL)
@@ -359,7 +365,7 @@ def test_adapter_over_a_quantized_base_matches_peft_on_the_dequantized_weights(c
     sequences = [[(11 * i + 5 * j) % (vocab - 1) + 1 for j in range(16 + 4 * i)] for i in range(4)]
     agree, delta = teacher_forced_agreement(llm, hf, adapter, sequences, ["a", None, "a", "a"])
     print(f"{case}: top-1 agreement {agree:.3f}, max |d logprob| {delta:.2e}")
-    assert agree == 1.0 and delta <= 1e-3
+    assert agree == 1.0 and delta <= bound
 
 
 def test_qlora_bitsandbytes_base_with_its_adapter_matches_hf_peft_bitsandbytes(tmp_path):
