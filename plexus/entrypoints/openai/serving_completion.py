@@ -91,7 +91,9 @@ class CompletionEndpoints(ServingBase):
         lps = list(c.logprobs) if c.logprobs is not None else None
         if echo:
             prompt_text = prompt.get("prompt")
-            text = (prompt_text if prompt_text is not None else self.tokenizer.decode(prompt["prompt_token_ids"])) + text
+            if prompt_text is None:
+                prompt_text = self.tokenizer.decode(prompt["prompt_token_ids"])
+            text = prompt_text + text
             if lps is not None:
                 tokens = list(output.prompt_token_ids) + tokens
                 lps = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + lps
