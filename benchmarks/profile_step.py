@@ -19,14 +19,14 @@ import random
 
 # cumulative time of these functions, by (file suffix, function name)
 PARTS = {
-    "model forward (decoder layers)": ("plexus/models/llama.py", "forward"),
-    "lm_head": ("plexus/models/llama.py", "compute_logits"),
+    "model forward (decoder layers)": ("plexus/models/layers/decoder.py", "forward"),
+    "lm_head": ("plexus/models/layers/decoder.py", "compute_logits"),
     "sampler": ("plexus/core/sampler.py", "forward"),
     "sampling metadata": ("plexus/core/sampler.py", "build"),
     "attention metadata": ("plexus/models/layers/attention.py", "build"),
     "scheduler": ("plexus/core/scheduler.py", "schedule"),
-    "scheduler update": ("plexus/core/scheduler.py", "update_after_step"),
-    "outputs (detokenize, RequestOutput)": ("plexus/core/engine.py", "_append_token"),
+    "scheduler update (append, stop, detokenize)": ("plexus/core/scheduler.py", "update_from_output"),
+    "outputs (logprobs, RequestOutput)": ("plexus/core/engine.py", "_make_outputs"),
 }
 # self time of these kernels (visible one by one only with PLEXUS_FUSED_DECODE=0)
 KERNELS = ["llama_decode_layers", "linear_quant", "linear_w8a8_amx", "linear_w8a8", "linear_bf16", "_linear_pointwise", "linear", "paged_attention_decode",
