@@ -143,3 +143,12 @@ def test_server_on_mp_answers_then_503_once_its_worker_is_gone(start_server):
                                                                  "max_tokens": 4}, timeout=30)
     assert response.status_code in (500, 503), response.text
     assert "rank 0" in response.text
+
+
+def test_executor_backends_example_prints_identical_outputs(capsys):
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "offline_inference" / "executor_backends.py"),
+                   run_name="__main__")
+    assert "identical: True" in capsys.readouterr().out
