@@ -39,7 +39,7 @@ def _tokens(llm, prompts, params):
 
 
 def test_mp_worker_runs_in_another_process(mp):
-    (pid,) = mp.llm_engine.collective_rpc(lambda worker: os.getpid())
+    (pid,) = mp.collective_rpc(lambda worker: os.getpid())      # vLLM's LLM.collective_rpc
     assert pid != os.getpid() and pid == mp.llm_engine.executor.workers[0].process.pid
 
 

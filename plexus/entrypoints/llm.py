@@ -40,6 +40,13 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def collective_rpc(self, method: str | Any, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None) -> list[Any]:
+        """Call a method on every worker (a worker method's name, or a function taking the worker first), as
+        vLLM's LLM.collective_rpc: the answers in rank order. With distributed_executor_backend="mp" the
+        function travels by cloudpickle."""
+        return self.llm_engine.collective_rpc(method, timeout=timeout, args=args, kwargs=kwargs)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's LLM.reset_prefix_cache); False if some are still in use
         by running requests, and then nothing is reset."""
