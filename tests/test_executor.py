@@ -152,3 +152,32 @@ def test_executor_backends_example_prints_identical_outputs(capsys):
     runpy.run_path(str(Path(__file__).parent.parent / "examples" / "offline_inference" / "executor_backends.py"),
                    run_name="__main__")
     assert "identical: True" in capsys.readouterr().out
+
+
+def test_mp_lora_adapters_cross_to_the_worker_and_equal_uni(tmp_path):
+    """Adapter weights travel with the step (StepInput.lora_loads) to the worker process: a batch mixing two
+    adapters and the base gives the same tokens on mp as on uni."""
+    import torch
+    from test_lora import make_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plexus.lora.request import LoRARequest
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 initializer_range=0.2, tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(tmp_path / "base", tmp_path / f"a{i}", 20 + i, r=8,
+                                                         lora_alpha=16, target_modules=targets))
+                for i, targets in enumerate([["q_proj", "v_proj"], ["o_proj", "down_proj", "lm_head"]])]
+    prompts = [{"prompt_token_ids": [5, 17, 33, 80, 9]}] * 3
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokens = {}
+    for backend in ("uni", "mp"):
+        llm = LLM(model=str(tmp_path / "base"), skip_tokenizer_init=True, dtype="float32", kv_cache_space=0.05,
+                  enable_lora=True, max_loras=2, max_lora_rank=8, distributed_executor_backend=backend)
+        outputs = llm.generate(prompts, params, lora_request=[adapters[0], adapters[1], None], use_tqdm=False)
+        tokens[backend] = [o.outputs[0].token_ids for o in outputs]
+        llm.llm_engine.shutdown()
+    assert tokens["mp"] == tokens["uni"]
+    assert len({tuple(t) for t in tokens["uni"]}) == 3      # one prompt: each adapter changes its output
