@@ -229,3 +229,16 @@ def test_each_activation_quantized_layer_computes_the_formula_on_the_stored_tens
         assert error < 5e-6, (prefix, error)
         checked += 1
     assert checked >= 3, f"{name}: only {checked} activation-quantized layers found"
+
+
+def test_dynamic_fp8_rounding_gives_a_short_last_group_its_own_scale():
+    """Per token and group of 128 inputs on 200 inputs: groups [0, 128) and [128, 200), each on its amax / 448
+    (the fixtures' inputs are all multiples of 128)."""
+    from plexus.models.quantization.fp8 import round_to_e4m3_per_group
+
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
+    x[1, 150] = 30.0           # only the second group of row 1 gets the big scale
+    expected = torch.cat([_round_fp8(g.double(), g.double().abs().amax(-1, keepdim=True) / FP8_MAX)
+                          for g in (x[:, :128], x[:, 128:])], dim=-1)
+    # The scales in fp32 against float64: 1e-7 apart; a step of e4m3 would be 6% or more.
+    torch.testing.assert_close(round_to_e4m3_per_group(x, 128).double(), expected, rtol=1e-6, atol=0)
