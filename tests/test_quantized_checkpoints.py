@@ -5,8 +5,8 @@ reference.safetensors: the writer's own dequantization of every quantized weight
 
 For each: plexus loads it without being told the method, every dequantized weight equals the writer's to
 within rounding, and greedy decoding in fp32 matches HF transformers running the writer's dequantized weights.
-Where the config quantizes activations too (int8 static / dynamic per token, fp8 static / dynamic per token /
-per token and 128 inputs), the reference rounds each quantized Linear's input by the format's formula, written
+Where the config quantizes activations too (int8 static / dynamic per token, LLM.int8, fp8 static / dynamic per
+token / per token and 128 inputs), the reference rounds each quantized Linear's input by the format's formula, written
 out below from the formats' definitions (not from plexus's code), so plexus is held to the same arithmetic."""
 from __future__ import annotations
 
@@ -191,7 +191,6 @@ def test_greedy_decoding_matches_hf_on_the_writers_weights(fixture):
 
 
 ACTIVATION_QUANTIZED = [name for name in FIXTURES if _activation_formula(ROOT / name) is not None]
-_SHARD_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @pytest.mark.parametrize("name", ACTIVATION_QUANTIZED)
@@ -206,11 +205,12 @@ def test_each_activation_quantized_layer_computes_the_formula_on_the_stored_tens
     llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", max_model_len=128, kv_cache_space=0.01)
     generator = torch.Generator().manual_seed(0)
     checked = 0
-    for prefix, layer in llm.llm_engine.executor.worker.model.named_modules():
+    model = llm.llm_engine.executor.worker.model
+    for prefix, layer in model.named_modules():
         if not isinstance(layer, LinearLayer):
             continue
         parent, _, fused = prefix.rpartition(".")
-        names = [f"model.{parent}.{s}" for s in _SHARD_NAMES.get(fused, (fused,))]
+        names = [f"model.{parent}.{s}" for s in model.packed_modules_mapping.get(fused, (fused,))]
         if not all(f"{n}.weight" in reference for n in names):
             continue        # not quantized by the writer (lm_head, an ignored layer)
         x = torch.randn(6, layer.input_size, generator=generator) * 2
