@@ -82,6 +82,22 @@ def test_bits_the_method_lacks_are_named(tmp_path):
         _load(path)
 
 
+def test_activation_scales_plexus_would_not_honour_are_refused(tmp_path):
+    """compressed-tensors int8 activations by group (vLLM has no such kernel) and static activations by token
+    (no input_scale per token exists) would otherwise run per token or per tensor without saying so."""
+    path = _copy(tmp_path, "ct-w8a8")
+    _edit_config(path, lambda c: c["config_groups"]["group_0"]["input_activations"].update(strategy="group",
+                                                                                          group_size=64))
+    with pytest.raises(ValueError, match=r"config_groups\['group_0'\]: dynamic input activations by 'group' are "
+                                         r"not supported for int weights; supported: tensor, token"):
+        _load(path)
+    path = _copy(tmp_path, "ct-fp8")
+    _edit_config(path, lambda c: c["config_groups"]["group_0"]["input_activations"].update(strategy="token"))
+    with pytest.raises(ValueError, match=r"static input activations by 'token' are not supported for float "
+                                         r"weights; supported: tensor"):
+        _load(path)
+
+
 def test_an_unknown_quant_method_is_named(tmp_path):
     path = _copy(tmp_path, "awq-gemm-4bit-g64")
     _edit_config(path, lambda c: c.update(quant_method="squeezellm"))

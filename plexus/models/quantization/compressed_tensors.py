@@ -129,6 +129,16 @@ def _scheme(name: str, group: dict, default_format: str | None) -> Scheme:
             raise ValueError(f"{where}: input activations of {activations.get('num_bits')} bits are not supported")
         if kind == "int" and fmt == "pack-quantized":
             raise ValueError(f"{where}: pack-quantized weights with quantized activations are not supported")
+        # Static: one input_scale per tensor; dynamic: per token, as vLLM runs "tensor" and "token" alike, or
+        # (FP8 only) per token and group_size inputs.
+        a_strategy = activations.get("strategy", "tensor")
+        dynamic = activations.get("dynamic", True)
+        allowed = (("tensor", "token", "group") if kind == "float" else ("tensor", "token")) if dynamic else ("tensor",)
+        if a_strategy not in allowed:
+            raise ValueError(f"{where}: {'dynamic' if dynamic else 'static'} input activations by {a_strategy!r} "
+                             f"are not supported for {kind} weights; supported: {', '.join(allowed)}")
+        if a_strategy == "group" and not activations.get("group_size"):
+            raise ValueError(f"{where}: input activations by 'group' need a group_size")
     targets = tuple(group.get("targets") or ())
     if not targets:
         raise ValueError(f"{where} has no targets")
