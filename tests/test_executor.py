@@ -168,8 +168,8 @@ def test_mp_lora_adapters_cross_to_the_worker_and_equal_uni(tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                  initializer_range=0.2, tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
     adapters = [LoRARequest(f"a{i}", i + 1, make_adapter(tmp_path / "base", tmp_path / f"a{i}", 20 + i, r=8,
-                                                         lora_alpha=16, target_modules=targets))
-                for i, targets in enumerate([["q_proj", "v_proj"], ["o_proj", "down_proj", "lm_head"]])]
+                                                         lora_alpha=128, target_modules=targets))
+                for i, targets in enumerate([["q_proj", "v_proj", "lm_head"], ["o_proj", "down_proj", "lm_head"]])]
     prompts = [{"prompt_token_ids": [5, 17, 33, 80, 9]}] * 3
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = {}
