@@ -7,9 +7,10 @@
 - Block-wise (`weight_block_size: [bn, bk]`, DeepSeek-V3): `weight_scale_inv` [ceil(out/bn), ceil(in/bk)],
   w[n, k] = q[n, k] * scale_inv[n // bn, k // bk] (multiplied, whatever its name says).
 - `activation_scheme: "static"`: each tensor's `input_scale`; the activations are rounded to e4m3 on that
-  scale (the largest of a fused layer's, as vLLM does) before the matmul. "dynamic" (and compressed-tensors'
-  dynamic `input_activations`): rounded to e4m3 on scales computed at each step, amax / 448, per token, or
-  for block-wise weights per token and group of `weight_block_size[1]` inputs (vLLM's 1x128 groups).
+  scale (the largest of a fused layer's, as vLLM does) before the matmul. "dynamic": rounded to e4m3 on
+  scales computed at each step, amax / 448, per token, or for block-wise weights per token and group of
+  `weight_block_size[1]` inputs (vLLM's 1x128 groups). compressed-tensors' dynamic `input_activations` say
+  which: strategy "token" (or "tensor", which vLLM also runs per token) or "group" with its group_size.
 - quantization="fp8" on an unquantized checkpoint quantizes on load, per output channel; its activations stay
   in the compute dtype (weight only).
 
@@ -67,28 +68,30 @@ class Fp8Config(QuantizationConfig):
         if not self.from_checkpoint:
             return Fp8LinearMethod(prefix, "online")
         if self.block is not None:
-            return Fp8LinearMethod(prefix, "block", block=self.block, activations=self.activations)
+            # vLLM's activation groups for block-wise weights: per token and block of inputs (1x128).
+            return Fp8LinearMethod(prefix, "block", block=self.block, activations=self.activations,
+                                   activation_group=self.block[1])
         return Fp8LinearMethod(prefix, "tensor", activations=self.activations)
 
 
 class Fp8LinearMethod(LinearMethod):
     """strategy: "tensor" (a scalar weight_scale per shard), "channel" ([out, 1]), "block" (weight_scale_inv
     per block) or "online" (quantize a full-precision weight after loading, per channel); activations:
-    "static" (`input_scale`), "dynamic" (per token, or per token and block of inputs for "block") or None."""
+    "static" (`input_scale`), "dynamic" (per token, or per token and activation_group inputs) or None."""
 
     quantized = True
 
     def __init__(self, prefix: str, strategy: str, block: tuple[int, int] | None = None,
                  activations: str | None = None, activation_group: int | None = None,
                  block_scale_name: str = "weight_scale_inv") -> None:
-        """activation_group: dynamic activations' scales per token and this many inputs (default: per token,
-        or block[1] for block-wise weights). block_scale_name: vLLM's fp8 checkpoints call block scales
-        weight_scale_inv, compressed-tensors weight_scale."""
+        """activation_group: dynamic activations' scales per token and this many inputs (None: per token).
+        block_scale_name: vLLM's fp8 checkpoints call block scales weight_scale_inv, compressed-tensors
+        weight_scale."""
         if activations not in ("static", "dynamic", None):
             raise ValueError(f"fp8: activations={activations!r}; supported: static, dynamic, None")
         self.prefix, self.strategy, self.block, self.activations = prefix, strategy, block, activations
         self.static_activations = activations == "static"
-        self.activation_group = activation_group or (block[1] if block else None)
+        self.activation_group = activation_group
         self.block_scale_name = block_scale_name
 
     def create_weights(self, layer: LinearLayer, dtype: torch.dtype) -> None:
