@@ -187,7 +187,7 @@ class LLMEngine(LoRAEngineAPI):
             if s.samples and r.grammar is not None:     # structured outputs: what its grammar allows next
                 bitmask, banned = self.structured_output.next_token_bitmask(r.grammar, banned)
             sequences.append(SequenceStep(
-                request_id=r.request_id, token_ids=s.token_ids, start=s.start, block_ids=list(r.block_ids),
+                request_id=r.request_id, token_ids=s.token_ids, start=s.start, block_ids=r.block_ids,
                 sample=s.samples, params=r.sampling, num_prompt_tokens=r.num_prompt_tokens,
                 seed=r.seed, seed_offset=r.num_output_tokens, banned_token_ids=banned,
                 bad_words_token_ids=r.bad_words_token_ids,

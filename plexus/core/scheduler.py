@@ -225,16 +225,19 @@ class Scheduler:
             if request.is_finished:      # failed during the step; its blocks are freed
                 continue
             tokens = output.sampled.get(request.request_id, [])
-            request.num_computed_tokens = scheduled.start + scheduled.num_real_tokens + _num_accepted(
-                scheduled.draft_token_ids, tokens)
-            request.draft_token_ids = []
+            drafts = scheduled.draft_token_ids
+            request.num_computed_tokens = scheduled.start + scheduled.num_tokens
+            if drafts:
+                request.num_computed_tokens -= len(drafts) - _num_accepted(drafts, tokens)
+                request.draft_token_ids = []
             try:
                 stop = self._append(request, tokens, update.new_tokens, now)
             except Exception as error:  # noqa: BLE001  (e.g. a tokenizer failing on this request's text)
                 self.fail(request, error)
                 continue
-            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
-            self.kv_cache.trim(request, request.num_computed_tokens)
+            if drafts:      # rejected drafts' slots: never hashed, their whole blocks back to the pool
+                request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
+                self.kv_cache.trim(request, request.num_computed_tokens)
             self.kv_cache.cache_full_blocks(request)
             if stop is not None:
                 request.stop_reason = stop[1]
