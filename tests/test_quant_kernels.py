@@ -138,9 +138,11 @@ def _fused_and_layered(llm, prompts=PROMPTS):
     ops = model.layers[0].self_attn.qkv_proj.ops
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    batch = len(prompts) > kernels.QUANT_LINEAR_MAX_ROWS
-    weights = ops._decode_weights_of[(id(model), batch)]    # the fused step ran, over packed weights
-    assert weights is not None and any(w is not None and w.dtype in (torch.int8, torch.uint8) for w in weights)
+    plan = ops._decode_weights_of[(id(model), kernels.row_class(len(prompts)))]   # the fused step ran,
+    assert plan is not None                                                          # over packed weights
+    weights, kernel_ids = plan
+    assert any(w is not None and w.dtype in (torch.int8, torch.uint8) for w in weights)
+    _fused_and_layered.kernel_ids = kernel_ids
     ops.fused_decode = False
     try:
         layered = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -164,11 +166,13 @@ def test_fused_int8_decode_equals_the_layer_by_layer_path(smollm_dir):
 
 @pytest.mark.skipif(not (VNNI and AMX), reason="W8A8 batches run fused only on AMX tiles")
 def test_fused_w8a8_batches_on_amx_tiles_equal_the_layer_by_layer_path(smollm_dir):
-    """16 sequences, more than the VNNI GEMV serves: every linear of the fused step takes the AMX kernel, as
-    w8a8_linear does layer by layer."""
+    """16 sequences, more than the VNNI GEMV serves: every linear of the fused step takes the AMX kernel (gate/up
+    with silu(gate) * up as its epilogue), as the layer-by-layer path does."""
     llm = LLM(model=str(smollm_dir), quantization="w8a8", dtype="bfloat16", max_model_len=512, kv_cache_space=0.05)
     fused, layered = _fused_and_layered(llm, PROMPTS + [p + " and" for p in PROMPTS])
     assert fused == layered
+    per_layer = [kernels.Kernel(k).name for k in _fused_and_layered.kernel_ids[:4]]
+    assert per_layer == ["W8A8_AMX", "W8A8_AMX", "W8A8_AMX_GLU", "W8A8_AMX"]
 
 
 def test_the_bundled_model_runs_as_stored_by_default_and_dequantized_with_a_dtype():
@@ -311,7 +315,7 @@ def test_w8a8_gate_up_layer_applies_silu_in_the_matmul_and_stands_aside_for_a_de
     layer.method.process_weights_after_loading(layer)
     x = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     fused = layer.silu_and_mul(x)
-    assert kernels.is_amx_packed(layer.int8_glu_packed)
+    assert kernels.is_amx_packed(layer.int_form.layouts[kernels.Kernel.W8A8_AMX_GLU])
     assert torch.equal(fused, ops.silu_and_mul(layer(x)))
     layer.delta = lambda t: torch.ones(t.shape[0], 3072, dtype=t.dtype)
     assert torch.equal(layer.silu_and_mul(x), ops.silu_and_mul(layer(x)))
@@ -333,13 +337,63 @@ def test_w8a8_on_onednn_prepacked_weights_is_int8_activations_per_token_times_th
     g = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (96, 576), generator=g).to(torch.int8)
     weight_scale, bias = torch.rand(96, generator=g) * 0.01, torch.randn(96, generator=g)
-    packed = kernels.pack_int8_onednn(weight)        # (where the CPU has AMX, pack_int8_weight gives tiles)
+    packed = kernels.pack_int8_onednn(weight)        # (where the CPU has AMX, W8A8 layers take tiles)
     if packed is None:
         pytest.skip("this torch has no onednn::qlinear_prepack")
     x = torch.randn(40, 576, generator=g)
     q, x_scale = quantize_per_token(x)
     expected = (q.double() @ weight.double().T) * x_scale.double() * weight_scale.double() + bias.double()
-    got = ops.w8a8_linear(x, packed, weight_scale, bias)
+    got = ops.w8a8_onednn(x, packed, weight_scale, bias)
     # a value halfway between two steps may round the other way: one step of one input, at most
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=3e-2)
-    assert ops.w8a8_linear(x.bfloat16(), packed, weight_scale, bias).dtype == torch.bfloat16
+    assert ops.w8a8_onednn(x.bfloat16(), packed, weight_scale, bias).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not (kernels.fast_linear_available() and VNNI and AMX),
+                    reason="the table below is that of a CPU with the bf16 GEMV, VNNI and AMX-INT8")
+def test_the_cpu_platform_picks_each_linear_kernel_by_row_count_in_one_place():
+    """kernels.choose_linear, which both the op-by-op path and the fused decode step obey, against the limits
+    docs/performance.md measured (4 rows for the bf16 GEMV over a prepacked weight, 16 without; 8 for the
+    integer GEMV, 128 where the method would dequantize); and kernels.row_class groups only row counts that get
+    the same answers, so the fused step's kernel plan, made once per class, holds for every step in it."""
+    K, bf16, fp32 = kernels.Kernel, torch.bfloat16, torch.float32
+    int4 = packed.PackedInt(torch.zeros(64, 32, dtype=torch.uint8), torch.ones(64, 2), None, 4)
+    gguf4 = packed.PackedInt(torch.zeros(64, 32, dtype=torch.uint8), torch.ones(64, 2), None, 4, dequantizes=True)
+    w8a8 = packed.PackedInt(torch.zeros(64, 64, dtype=torch.int8), torch.ones(64), None, 8, w8a8=True)
+    w8a8_odd = packed.PackedInt(torch.zeros(48, 40, dtype=torch.int8), torch.ones(48), None, 8, w8a8=True)
+    s8_odd = packed.PackedInt(torch.zeros(48, 40, dtype=torch.int8), torch.ones(48), None, 8)
+    cases = {
+        "dense packed": dict(dtype=bf16, packed=True),
+        "dense": dict(dtype=bf16),
+        "dense fp32": dict(dtype=fp32),
+        "int4": dict(dtype=bf16, form=int4),
+        "int4 fp32": dict(dtype=fp32, form=int4),
+        "gguf4": dict(dtype=bf16, form=gguf4),
+        "w8a8": dict(dtype=bf16, form=w8a8),
+        "w8a8 glu": dict(dtype=bf16, form=w8a8, glu=True),
+        "w8a8 glu, 48 rows": dict(dtype=bf16, form=w8a8_odd, glu=True),
+        "w8a8 fp32": dict(dtype=fp32, form=w8a8),
+        "s8, 40 inputs": dict(dtype=bf16, form=s8_odd),
+        "not this platform's": dict(dtype=None, form=w8a8),
+    }
+    expected = {   # rows -> kernel, for the row counts either side of every limit
+        "dense packed": {1: K.BF16_GEMV, 4: K.BF16_GEMV, 5: K.ONEDNN, 512: K.ONEDNN},
+        "dense": {1: K.BF16_GEMV, 16: K.BF16_GEMV, 17: K.ATEN},
+        "dense fp32": {1: K.ATEN, 64: K.ATEN},
+        "int4": {1: K.INT_GEMV, 8: K.INT_GEMV, 9: K.METHOD},
+        "int4 fp32": {1: K.METHOD},
+        "gguf4": {9: K.INT_GEMV, 128: K.INT_GEMV, 129: K.METHOD},
+        "w8a8": {8: K.INT_GEMV, 9: K.W8A8_AMX, 512: K.W8A8_AMX},
+        "w8a8 glu": {8: K.INT_GEMV, 9: K.W8A8_AMX_GLU},
+        "w8a8 glu, 48 rows": {1: K.W8A8_AMX, 9: K.W8A8_AMX},
+        "w8a8 fp32": {1: K.W8A8_AMX},
+        "s8, 40 inputs": {1: K.METHOD},
+        "not this platform's": {1: K.METHOD, 64: K.METHOD},
+    }
+    for name, table in expected.items():
+        for rows, kernel in table.items():
+            assert kernels.choose_linear(rows, **cases[name]) == kernel, (name, rows)
+    answers: dict[int, tuple] = {}
+    for rows in range(1, 300):
+        got = tuple(kernels.choose_linear(rows, **case) for case in cases.values())
+        assert answers.setdefault(kernels.row_class(rows), got) == got, rows

@@ -8,8 +8,14 @@ it multiplies is its LinearMethod's business:
   unquantized layer has `weight` [out, in]; a packed 4-bit one would have `qweight`, `qzeros`, `scales`),
   with `register_weight` saying which dimension of each is the output and which the input;
 - `load_weight` copies one checkpoint tensor into its shard of a fused parameter (generic, from those dims);
-- `process_weights_after_loading` may quantize or repack once everything is loaded;
-- `apply(layer, x)` computes the output, bias included.
+- `process_weights_after_loading` may quantize or repack once everything is loaded, and says what form the
+  weight is in where a platform kernel can read it: `layer.int_form` (a PackedInt, 8- or 4-bit integers with
+  group scales), as data rather than through hooks;
+- `apply(layer, x)` computes the output, bias included, in torch: the method's own path.
+
+Which kernel runs is the platform's decision, made in one place (its ModelOps): an unquantized layer's
+apply calls `ModelOps.linear`; a layer with an `int_form` runs `ModelOps.int_linear`, which picks its kernel for
+the step's row count or calls the method's apply.
 
 The layer has two hooks for what comes next, both off by default:
 
@@ -67,29 +73,9 @@ class LinearMethod:
         pass
 
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
+        """The output in torch, bias included (for a layer with an int_form, what ModelOps.int_linear falls
+        back to)."""
         return layer.ops.linear(x, layer.weight, layer.bias_for_rank(), layer.packed_weight)
-
-    def packed_int(self, layer: LinearLayer):
-        """The layer's weight as a plexus.models.quantization.packed.PackedInt (8- or 4-bit integers with group
-        scales), for the kernels that read that form (a platform's fused decode step); None when it is stored
-        otherwise."""
-        return None
-
-    def w8a8_packed(self, layer: LinearLayer):
-        """For a layer that rounds its activations to int8 per token (dynamic W8A8): its int8 weight as
-        layer.ops.pack_int8_weight lays it out (packed on the first call), for ModelOps.w8a8_linear and a
-        platform's fused step; None for every other layer."""
-        return None
-
-    def w8a8_glu_packed(self, layer: LinearLayer):
-        """w8a8_packed for a gate/up layer whose platform applies silu(gate) * up in the matmul
-        (ModelOps.pack_int8_glu_weight); None for every other layer."""
-        return None
-
-    def apply_silu_and_mul(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(gate) * up of a gate/up layer's output, where this method computes it in one op with the
-        matmul (LinearLayer.silu_and_mul); None: the caller applies ModelOps.silu_and_mul to apply()'s output."""
-        return None
 
 
 UNQUANTIZED = LinearMethod()
@@ -121,6 +107,9 @@ class LinearLayer(nn.Module):
         else:
             self.bias = None
         self.packed_weight = None    # a platform's faster layout of `weight` (Platform.finalize_model)
+        # The weight as packed integers (plexus.models.quantization.packed.PackedInt), where the method's
+        # process_weights_after_loading says it has that form: platform kernels read it.
+        self.int_form = None
         self.delta: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def register_weight(self, name: str, tensor: torch.Tensor, dims: WeightDims) -> None:
@@ -129,18 +118,23 @@ class LinearLayer(nn.Module):
         self.dims[name] = dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.method.apply(self, x)
+        if self.int_form is not None:
+            y = self.ops.int_linear(x, self.int_form, self.bias_for_rank(), self._method_apply)
+        else:
+            y = self.method.apply(self, x)
         if self.delta is not None:
             y = y + self.delta(x)
         return y
 
+    def _method_apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """ops.silu_and_mul(self(x)) for a gate/up layer (two output shards of one size), fused with the matmul
-        where the method can (LinearMethod.apply_silu_and_mul) and no delta is set."""
-        if self.delta is None:
-            out = self.method.apply_silu_and_mul(self, x)
-            if out is not None:
-                return out
+        """ops.silu_and_mul(self(x)) for a gate/up layer (two output shards of one size), which the platform
+        may fuse with an integer layer's matmul (ModelOps.int_linear) where no delta is set."""
+        sizes = self.local_output_sizes
+        if self.int_form is not None and self.delta is None and len(sizes) == 2 and sizes[0] == sizes[1]:
+            return self.ops.int_linear(x, self.int_form, self.bias_for_rank(), self._method_apply, silu_and_mul=True)
         return self.ops.silu_and_mul(self(x))
 
     def bias_for_rank(self) -> torch.Tensor | None:

@@ -5,6 +5,8 @@ through Platform.model_ops, the way it hands it an attention backend; the model 
 module. Every override must compute the same thing as the method it replaces (tests hold them together)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,42 +29,23 @@ class ModelOps:
         """x @ weight.T + bias over the last dim of x. packed: pack_weight(weight), where kept."""
         return F.linear(x, weight, bias)
 
-    def int_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None,
-                   any_rows: bool = False) -> torch.Tensor | None:
-        """x @ w.T + bias for an integer weight in the packed form (plexus.models.quantization.packed.PackedInt),
-        where this platform has a kernel for x's shape and dtype; None where it has not, and the layer's method
-        runs its own path. any_rows: the caller's own path would dequantize the weight, so the kernel should
-        serve steps of any length (not only decode-sized ones)."""
-        return None
-
-    def pack_int8_weight(self, weight: torch.Tensor) -> object:
-        """An int8 weight [N, K] in a layout w8a8_linear runs, or None (then w8a8_linear is never asked)."""
-        return None
-
-    def w8a8_linear(self, x: torch.Tensor, packed: object, weight_scale: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """x rounded to int8 per token (scale max|x| / 127), times the int8 weight packed by pack_int8_weight
-        with its per-channel weight_scale, + bias; None where this platform does not run x's shape."""
-        return None
-
-    def pack_int8_glu_weight(self, weight: torch.Tensor) -> object:
-        """A gate/up int8 weight [2I, K] (gate rows, then up rows) in a layout w8a8_silu_and_mul runs, or None
-        (then w8a8_silu_and_mul is never asked)."""
-        return None
-
-    def w8a8_silu_and_mul(self, x: torch.Tensor, packed: object, weight_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """silu_and_mul(w8a8_linear(x, ...)) in one op, for a gate/up weight packed by pack_int8_glu_weight,
-        with the same roundings (the gate and up outputs to x's dtype, then silu, then the product); None where
-        this platform does not run x's shape."""
-        return None
+    def int_linear(self, x: torch.Tensor, form, bias: torch.Tensor | None,
+                   fallback: Callable[[torch.Tensor], torch.Tensor], silu_and_mul: bool = False) -> torch.Tensor:
+        """x @ w.T + bias for a weight in the packed integer form (plexus.models.quantization.packed.PackedInt,
+        whose w8a8 flag says the layer rounds its activations to int8 per token), on whichever of this
+        platform's kernels suits x's rows and dtype, or `fallback(x)` (the layer's method, in torch; it adds the
+        bias itself). silu_and_mul: return silu_and_mul of that (a gate/up layer), which a platform may fuse
+        into the matmul."""
+        y = fallback(x)
+        return self.silu_and_mul(y) if silu_and_mul else y
 
     def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        """x times an e4m3 weight [N, K] with per-output-channel fp32 scales, on the device's fp8 matmul: x
-        rounded to e4m3 per token (or on the static input_scale); None where this platform has no fp8 matmul
-        (the method then dequantizes)."""
-        return None
+                   bias: torch.Tensor | None, input_scale: torch.Tensor | None,
+                   fallback: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """x times an e4m3 weight [N, K] with per-output-channel fp32 scales, on the device's fp8 matmul (x rounded
+        to e4m3 per token, or on the static input_scale) where it has one, else `fallback(x)` (the method's
+        dequantizing path)."""
+        return fallback(x)
 
     def pack_weight(self, weight: torch.Tensor) -> object:
         """A copy of an unquantized weight [N, K] in a layout linear() runs faster on, or None."""

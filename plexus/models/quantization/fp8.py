@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -166,11 +167,14 @@ class Fp8LinearMethod(LinearMethod):
         return w * scale.repeat_interleave(self.block[1], 1)[:, :w.shape[1]]
 
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
-        if layer.row_scale.dim() == 1 and self.activation_group is None:
-            out = layer.ops.fp8_linear(x, layer.weight, layer.row_scale, layer.bias_for_rank(),
-                                       layer.input_scale_max if self.static_activations else None)
-            if out is not None:
-                return out
+        if layer.row_scale.dim() == 1 and self.activation_group is None:   # the platform's fp8 matmul, or below
+            return layer.ops.fp8_linear(x, layer.weight, layer.row_scale, layer.bias_for_rank(),
+                                        layer.input_scale_max if self.static_activations else None,
+                                        partial(self.dequantizing_apply, layer))
+        return self.dequantizing_apply(layer, x)
+
+    def dequantizing_apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
+        """The activations rounded as the checkpoint says, times the weight dequantized a slice at a time."""
         if self.static_activations:
             s = layer.input_scale_max
             x = ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)

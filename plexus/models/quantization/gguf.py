@@ -275,6 +275,9 @@ class GGUFLinearMethod(LinearMethod):
             layer.gguf_offsets = None if form.offsets is None else nn.Parameter(form.offsets, requires_grad=False)
             layer.gguf_packed = form.bits
             layer.gguf_groups = ()
+            # The platform's integer kernel reads it; this method's own path dequantizes.
+            layer.int_form = PackedInt(layer.qweight, layer.gguf_scales, layer.gguf_offsets, form.bits,
+                                       dequantizes=True)
 
     @staticmethod
     def _rank_part(layer: LinearLayer, rows: torch.Tensor, shard: int, ggml_type: int, source: str
@@ -299,21 +302,13 @@ class GGUFLinearMethod(LinearMethod):
             rows = rows[:, layer.tp_rank * size:(layer.tp_rank + 1) * size]
         return rows.contiguous()
 
-    def packed_int(self, layer: LinearLayer) -> PackedInt | None:
-        if not layer.gguf_packed:
-            return None
-        return PackedInt(layer.qweight, layer.gguf_scales, layer.gguf_offsets, layer.gguf_packed)
-
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         in_features = layer.local_input_size
         x2 = x.reshape(-1, in_features)   # [tokens, in]
         step = max(1, CHUNK_ELEMENTS // in_features)
         pieces = []
-        form = self.packed_int(layer)
+        form = layer.int_form
         if form is not None:
-            out = layer.ops.int_linear(x2, form, layer.bias_for_rank(), any_rows=True)
-            if out is not None:
-                return out.view(*x.shape[:-1], layer.local_output_size)
             for start in range(0, form.shape[0], step):
                 weight = packed.dequantize(form, slice(start, start + step)).to(x.dtype)
                 pieces.append(F.linear(x2, weight))
@@ -330,8 +325,7 @@ class GGUFLinearMethod(LinearMethod):
 
     def dequantize(self, layer: LinearLayer) -> torch.Tensor:
         """The float32 weight [out, in] (for tests and tools)."""
-        form = self.packed_int(layer)
-        if form is not None:
-            return packed.dequantize(form)
+        if layer.int_form is not None:
+            return packed.dequantize(layer.int_form)
         return torch.cat([dequantize(layer.qweight[g.offset:g.offset + g.rows * g.row_bytes].view(g.rows, g.row_bytes),
                                      g.ggml_type) for g in layer.gguf_groups])

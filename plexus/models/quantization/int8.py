@@ -4,9 +4,9 @@
   neuron_quant does (the same code: NeuronQuantLinearMethod with s8), activations in the compute dtype;
 - `w8a8`: the same weights, and the activations quantized to int8 per token (dynamically) for an int8 x int8
   matmul with int32 accumulation, rescaled by both scales: on the platform's int8 matmul where it has one
-  (ModelOps.w8a8_linear: the CPU's oneDNN, AMX where present, on weights prepacked at the first long step),
-  else torch._int_mm; decode-sized steps take the platform's integer decode kernel (ModelOps.int_linear),
-  which rounds activations per block of 32 inputs rather than per token;
+  (the layer's int_form says w8a8, and ModelOps.int_linear picks the kernel: on the CPU, AMX tiles or
+  oneDNN's int8 matmul on weights repacked at the first long step, and for decode-sized steps the integer
+  GEMV, which rounds activations per block of 32 inputs rather than per token), else torch._int_mm here;
 - compressed-tensors' int-quantized checkpoints (`weight` int8, `weight_scale` [out, 1] or per tensor,
   activations dynamic per token, static per tensor with `input_scale`, or none), through Int8LinearMethod."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from plexus.models.layers.linear import LinearLayer, LinearMethod, WeightDims
 from plexus.models.quantization.base import QuantizationConfig
-from plexus.models.quantization.neuron_quant import NeuronQuantLinearMethod, quantize_weight
+from plexus.models.quantization.neuron_quant import NeuronQuantLinearMethod, int8_form, quantize_weight
 
 
 class _OnLoadConfig(QuantizationConfig):
@@ -110,61 +110,20 @@ class Int8LinearMethod(LinearMethod):
         if self.activations == "static":
             layer.input_scale_max = nn.Parameter(layer.input_scale.detach().max().reshape(()), requires_grad=False)
             del layer.input_scale
+        else:
+            # Weight-only and dynamic W8A8 layers: platform kernels may read the int8 weight as it is. (The CPU's
+            # decode GEMV then rounds the activations per block of 32 inputs rather than per token: finer, so
+            # no less accurate.)
+            layer.int_form = int8_form(layer, w8a8=self.activations == "dynamic")
 
     def dequantize(self, layer: LinearLayer) -> torch.Tensor:
         return layer.weight.float() * layer.weight_scale[:, None]
 
-    def packed_int(self, layer: LinearLayer):
-        """Weight-only and dynamic W8A8 layers: the int8 weight as it is. (Decode-sized steps then round the
-        activations per block of 32 inputs in the kernel rather than per token: finer, so no less accurate.)"""
-        return NeuronQuantLinearMethod.packed_int(self, layer) if self.activations != "static" else None
-
-    def w8a8_packed(self, layer: LinearLayer):
-        if self.activations != "dynamic":
-            return None
-        if not hasattr(layer, "int8_packed"):     # on the first step longer than the decode kernel serves
-            layer.int8_packed = layer.ops.pack_int8_weight(layer.weight)
-        return layer.int8_packed
-
-    def w8a8_glu_packed(self, layer: LinearLayer):
-        """A dynamic W8A8 gate/up layer's int8 weight as layer.ops.pack_int8_glu_weight lays it out (on the
-        first call), for ModelOps.w8a8_silu_and_mul; None for every other layer, or where the platform has no
-        such layout."""
-        sizes = layer.local_output_sizes
-        if self.activations != "dynamic" or len(sizes) != 2 or sizes[0] != sizes[1]:
-            return None
-        if not hasattr(layer, "int8_glu_packed"):
-            layer.int8_glu_packed = layer.ops.pack_int8_glu_weight(layer.weight)
-        return layer.int8_glu_packed
-
-    def apply_silu_and_mul(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor | None:
-        """Steps the integer GEMV serves take it, then silu_and_mul; longer ones the gate/up matmul with
-        silu(gate) * up as its epilogue, where the platform has it."""
-        if self.activations != "dynamic":
-            return None
-        weight = self.packed_int(layer)
-        out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
-        if out is not None:
-            return layer.ops.silu_and_mul(out)
-        packed = self.w8a8_glu_packed(layer)
-        if packed is None:
-            return None
-        return layer.ops.w8a8_silu_and_mul(x, packed, layer.weight_scale, layer.bias_for_rank())
-
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         if self.activations is None:
             return NeuronQuantLinearMethod.apply(self, layer, x)
-        k = layer.local_input_size
-        rows = x.reshape(-1, k)
+        rows = x.reshape(-1, layer.local_input_size)
         if self.activations == "dynamic":
-            weight = self.packed_int(layer)
-            out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
-            if out is None:
-                packed = self.w8a8_packed(layer)
-                if packed is not None:
-                    out = layer.ops.w8a8_linear(x, packed, layer.weight_scale, layer.bias_for_rank())
-            if out is not None:
-                return out
             q, x_scale = quantize_per_token(rows)
         else:
             x_scale = layer.input_scale_max

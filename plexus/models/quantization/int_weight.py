@@ -113,17 +113,13 @@ class _Segment(nn.Module):
             self.kind = "dequant"
             self.qweight, self.scales, self.zeros = _param(q), _param(scales), _param(zeros)
         self._cast: dict[torch.dtype, nn.Parameter] = {}
-
-    def packed_int(self) -> PackedInt | None:
-        """This segment's weight in the decode kernel's form (None for the plain dequantize layout)."""
-        if self.kind == "int4pack":
-            return PackedInt(self.nibbles, self.scales, self.offsets, 4)
-        if self.kind == "int8pack":
-            return PackedInt(self.qweight, self.scales.view(-1, 1),
-                             None if self.offsets is None else self.offsets.view(-1, 1), 8)
-        if self.kind == "packed":
-            return PackedInt(self.qweight, self.scales, self.offsets, self.bits)
-        return None
+        # This segment's weight in the platform kernels' form (None for the plain dequantize layout); the
+        # "packed" kind's own path dequantizes.
+        self.form: PackedInt | None = None
+        if self.kind in ("int4pack", "int8pack", "packed"):
+            self.form = PackedInt(self.nibbles if self.kind == "int4pack" else self.qweight, self.scales,
+                                  self.offsets, 4 if self.kind == "int4pack" else self.bits,
+                                  dequantizes=self.kind == "packed")
 
     def _for(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A float parameter in the activations' dtype (the kernels want them to match), cast once."""
@@ -138,21 +134,21 @@ class _Segment(nn.Module):
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """Float32 weight [n, k] (rows of it) in this segment's column order."""
         rows = rows or slice(None)
-        form = self.packed_int()
-        if form is not None:
-            return packed.dequantize(form, rows)
+        if self.form is not None:
+            return packed.dequantize(self.form, rows)
         q, s, z = self.qweight[rows], self.scales[rows], self.zeros[rows]
         return ((q.float() - z.repeat_interleave(self.group_size, 1)) * s.repeat_interleave(self.group_size, 1))
 
     def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        """ops: the model's ModelOps, which picks the kernel for the packed form (None: torch's paths here)."""
         if self.perm is not None:
             x = x.index_select(1, self.perm)
+        if self.form is not None and ops is not None:
+            return ops.int_linear(x, self.form, None, self.torch_forward)
+        return self.torch_forward(x)
+
+    def torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        form = self.packed_int()
-        if form is not None and ops is not None:
-            out = ops.int_linear(x, form, any_rows=self.kind == "packed")   # "packed": else dequantized
-            if out is not None:
-                return out
         if self.kind == "int4pack" and x.is_cuda:
             if x.dtype == torch.bfloat16:     # tinygemm on the GPU takes bf16 activations only
                 return torch._weight_int4pack_mm(x, self.qweight, self.group_size, self._for("scales_zeros", x.dtype))
@@ -199,7 +195,7 @@ class IntWeight(nn.Module):
         self.segments = nn.ModuleList(segments)
 
     def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
-        """ops: the model's ModelOps, whose int_linear may serve the packed form (None: torch's paths only)."""
+        """ops: the model's ModelOps, which picks each segment's kernel (None: torch's paths only)."""
         rows = x.reshape(-1, self.k)
         if not rows.is_contiguous():
             rows = rows.contiguous()
@@ -263,16 +259,14 @@ class IntWeightMethod:
         for name in [name for name in layer.dims if name != "bias"]:
             delattr(layer, name)
         layer.int_weight = IntWeight(q, scales, zeros, self.bits, group_size, layer.local_output_sizes, g_idx)
-
-    def packed_int(self, layer) -> PackedInt | None:
-        """One segment in natural column order: its packed form (the fused decode step reads it)."""
+        # One segment in natural column order is the whole layer's packed form (a platform's fused decode step
+        # reads it, and the layer runs through ModelOps.int_linear); permuted segments each run through it.
         segments = layer.int_weight.segments
-        if len(segments) != 1 or segments[0].perm is not None:
-            return None
-        return segments[0].packed_int()
+        if len(segments) == 1 and segments[0].perm is None:
+            layer.int_form = segments[0].form
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        y = layer.int_weight(x, layer.ops)
+        y = layer.int_weight(x, None if layer.int_form is not None else layer.ops)
         bias = layer.bias_for_rank()
         return y if bias is None else y + bias
 

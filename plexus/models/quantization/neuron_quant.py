@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from plexus.models.layers.linear import LinearLayer, LinearMethod
-from plexus.models.quantization import packed
 from plexus.models.quantization.base import QuantizationConfig
 from plexus.models.quantization.packed import PackedInt
 
@@ -60,6 +59,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale[:, None]).to(dtype)
 
 
+def int8_form(layer: LinearLayer, w8a8: bool = False) -> PackedInt | None:
+    """A layer's int8 `weight` [N, K] with per-channel `weight_scale` [N] as the packed integer form (its 8-bit
+    case as it is, one group per row)."""
+    if layer.weight.dtype != torch.int8:
+        return None
+    return PackedInt(layer.weight, layer.weight_scale, None, 8, w8a8=w8a8)
+
+
 class NeuronQuantLinearMethod(LinearMethod):
     """Loads the checkpoint's full-precision `weight`, then keeps it quantized (`weight` [N, K] int8 or
     float8_e4m3fn, `weight_scale` [N] fp32) and drops the original; the bias stays in the compute dtype."""
@@ -73,25 +80,14 @@ class NeuronQuantLinearMethod(LinearMethod):
         q, scale = quantize_weight(layer.weight.detach(), self.quant_dtype)
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        layer.int_form = int8_form(layer)
 
     def dequantize(self, layer: LinearLayer) -> torch.Tensor:
         """The weight this layer multiplies by, [N, K] fp32."""
         return dequantize(layer.weight, layer.weight_scale, torch.float32)
 
-    def packed_int(self, layer: LinearLayer) -> PackedInt | None:
-        """s8 weights are the packed form's 8-bit case as they are (one group per row)."""
-        weight = layer.weight
-        if weight.dtype != torch.int8 or not packed.supports(weight.shape[1], weight.shape[1], 8):
-            return None
-        return PackedInt(weight, layer.weight_scale.view(-1, 1), None, 8)
-
     def apply(self, layer: LinearLayer, x: torch.Tensor) -> torch.Tensor:
         out_features, in_features = layer.weight.shape
-        if layer.weight.dtype == torch.int8:
-            weight = self.packed_int(layer)
-            out = None if weight is None else layer.ops.int_linear(x, weight, layer.bias_for_rank())
-            if out is not None:
-                return out
         rows = x.numel() // in_features
         # (In compiled graphs inductor lowers the cast-and-matmul form below itself.)
         if (layer.weight.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)

@@ -8,27 +8,35 @@ so that one decode kernel serves them all.
 - 4 bits: `qweight` uint8 [N, K / 2] in blocks of 64 inputs, byte j of block b holding input 64b + j in its
   low nibble and input 64b + 32 + j in its high one, v = nibble - 8 (AWQ, GPTQ, compressed-tensors W4A16,
   GGUF Q4_0 and Q4_1);
-- `scales` fp32 [N, G]; `offsets` fp32 [N, G], or None for symmetric formats.
+- `scales` fp32 [N, G] (or [N] for one group per row); `offsets` likewise, or None for symmetric formats.
 
-A platform runs it through ModelOps.int_linear (the CPU platform's VNNI kernel, which rounds the activations to
-int8 per block of 32 inputs); for other steps the method runs its own path (`dequantize` below, or torch's
-kernels). The LinearMethods
-that can produce the form say so through `LinearMethod.packed_int(layer)`."""
+A LinearMethod whose weight has this form says so as data: its process_weights_after_loading sets
+`layer.int_form` (the form's tensors are the layer's own parameters, so a platform that moves them, as the
+CPU platform's huge-page arena does, moves the form with them). The layer then runs through ModelOps.int_linear,
+where the platform picks its kernel for the step's row count (the CPU's VNNI GEMV, which rounds the activations
+to int8 per block of 32 inputs; AMX or oneDNN int8 matmuls for W8A8) or calls the method's own torch path."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 BLOCK = 64          # inputs per 4-bit packing block
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PackedInt:
     qweight: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None
     bits: int
+    # The layer rounds its activations to int8 per token (dynamic W8A8): int8 x int8 matmuls may serve it.
+    w8a8: bool = False
+    # The method's own path dequantizes the weight (GGUF, odd-shaped groups): a platform's integer kernel is
+    # worth taking for longer steps than when that path is a fast torch kernel.
+    dequantizes: bool = False
+    # The platform's repacked copies of the weight (AMX tiles, oneDNN's layout), made on first use.
+    layouts: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -36,8 +44,17 @@ class PackedInt:
         return n, width if self.bits == 8 else width * 2
 
     @property
+    def group_scales(self) -> torch.Tensor:
+        """scales as [N, G]."""
+        return self.scales if self.scales.dim() == 2 else self.scales.view(-1, 1)
+
+    @property
+    def group_offsets(self) -> torch.Tensor | None:
+        return self.offsets if self.offsets is None or self.offsets.dim() == 2 else self.offsets.view(-1, 1)
+
+    @property
     def group_size(self) -> int:
-        return self.shape[1] // self.scales.shape[1]
+        return self.shape[1] // self.group_scales.shape[1]
 
 
 def supports(k: int, group_size: int, bits: int) -> bool:
@@ -88,7 +105,7 @@ def dequantize(p: PackedInt, rows: slice | None = None) -> torch.Tensor:
     rows = rows or slice(None)
     v = values(p, rows)
     gs = p.group_size
-    w = v.view(v.shape[0], -1, gs) * p.scales[rows, :, None]
+    w = v.view(v.shape[0], -1, gs) * p.group_scales[rows, :, None]
     if p.offsets is not None:
-        w += p.offsets[rows, :, None]
+        w += p.group_offsets[rows, :, None]
     return w.view(v.shape[0], -1)

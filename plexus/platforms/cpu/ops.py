@@ -14,6 +14,7 @@ from plexus.models.layers.linear import UNQUANTIZED
 from plexus.models.layers.ops import ModelOps
 from plexus.models.layers.recipe import LLAMA_RECIPE
 from plexus.platforms.cpu import kernels
+from plexus.platforms.cpu.kernels import Kernel
 
 # What llama_decode_layers computes (kernels/ops.cpp): RMSNorm pre-norms, fused q/k/v with rotate-half rotary,
 # causal GQA, a dense SiLU-gated MLP. Any other model runs layer by layer, through the same kernels per op.
@@ -34,87 +35,65 @@ class CpuModelOps(ModelOps):
 
     def __init__(self, fused_decode: bool = True) -> None:
         self.fused_decode = fused_decode
-        self.fast_linear = kernels.fast_linear_available()
-        self.fast_quant_linear = kernels.fast_quant_linear_available()
-        # (model, batch: more rows than the integer GEMV serves) -> its flat weight list for llama_decode_layers,
+        # (model, kernels.row_class of the step) -> (flat weight list, kernel per linear) for llama_decode_layers,
         # or None when it cannot run fused; built at the first such decode step (after Platform.finalize_model
-        # packed the weights). Whoever sets a layer's
-        # delta or method later must clear it (forget_model).
-        self._decode_weights_of: dict[tuple[int, bool], list | None] = {}
+        # placed the weights). Whoever sets a layer's delta or method later must clear it (forget_model).
+        self._decode_weights_of: dict[tuple[int, int], tuple | None] = {}
         self._zeros: dict[int, torch.Tensor] = {}
 
     def forget_model(self, model) -> None:
-        for batch in (False, True):
-            self._decode_weights_of.pop((id(model), batch), None)
+        for key in [key for key in self._decode_weights_of if key[0] == id(model)]:
+            del self._decode_weights_of[key]
 
     def linear(self, x, weight, bias=None, packed=None):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        max_rows = kernels.FAST_LINEAR_MAX_ROWS if packed is not None else kernels.FAST_LINEAR_MAX_ROWS_UNPACKED
-        if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= max_rows
-                and _cpu(x) and self.fast_linear):
+        dtype = x.dtype if _cpu(x) and weight.dtype == x.dtype else None
+        kernel = kernels.choose_linear(rows, dtype, packed=packed is not None)
+        if kernel == Kernel.BF16_GEMV:
             out = torch.ops.plexus.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, False)
-            return out.view(*x.shape[:-1], weight.shape[0])
-        # (oneDNN's opaque packed tensors cannot be inputs of a compiled graph; inductor lowers F.linear itself)
-        if packed is not None and rows > 0 and not torch.compiler.is_compiling():
+        elif kernel == Kernel.ONEDNN:
             out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
-            return out.view(*x.shape[:-1], weight.shape[0])
-        return super().linear(x, weight, bias)
+        else:
+            return super().linear(x, weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
-    def int_linear(self, x, weight, bias=None, any_rows=False):
-        """The VNNI kernel for bf16 steps of up to QUANT_LINEAR_MAX_ROWS tokens, or, where the alternative is
-        dequantizing (any_rows), up to QUANT_LINEAR_MAX_ROWS_VS_DEQUANT. It rounds the activations to int8 per
-        block of 32, as llama.cpp does; fp32 models keep their exact paths."""
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        limit = kernels.QUANT_LINEAR_MAX_ROWS_VS_DEQUANT if any_rows else kernels.QUANT_LINEAR_MAX_ROWS
-        if not (self.fast_quant_linear and x.dtype == torch.bfloat16 and _cpu(x)
-                and 0 < rows <= limit) or torch.compiler.is_compiling():
-            return None
-        x2 = x.reshape(rows, x.shape[-1])
+    def int_linear(self, x, form, bias, fallback, silu_and_mul=False):
+        """The kernel kernels.choose_linear picks for the step: the VNNI GEMV for bf16 steps of few tokens
+        (more where the method's own path dequantizes), for dynamic W8A8 layers on longer steps AMX tiles (with
+        silu(gate) * up as the epilogue where asked) or oneDNN's int8 matmul; else the method's path."""
+        k = x.shape[-1]
+        rows = x.numel() // k if k else 0
+        kernel = kernels.choose_linear(rows, x.dtype if _cpu(x) else None, form=form, glu=silu_and_mul)
+        if kernel == Kernel.METHOD:
+            return super().int_linear(x, form, bias, fallback, silu_and_mul)
+        x2 = x.reshape(rows, k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        out = torch.ops.plexus.linear_quant(x2, weight.qweight, weight.scales, weight.offsets, bias, weight.bits, False)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        if kernel == Kernel.INT_GEMV:
+            out = torch.ops.plexus.linear_quant(x2, form.qweight, form.group_scales, form.group_offsets, bias,
+                                                form.bits, False)
+        elif kernel == Kernel.W8A8_AMX_GLU:
+            out = torch.ops.plexus.linear_w8a8_amx_glu(x2, kernels.layout(form, kernel), form.scales, bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        elif kernel == Kernel.W8A8_AMX:
+            out = torch.ops.plexus.linear_w8a8_amx(x2, kernels.layout(form, kernel), form.scales, bias)
+        else:
+            out = self.w8a8_onednn(x2, kernels.layout(form, kernel), form.scales, bias)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return self.silu_and_mul(out) if silu_and_mul else out
 
     def pack_weight(self, weight):
         return kernels.pack_weight(weight)
 
-    def pack_int8_weight(self, weight):
-        return kernels.pack_int8_weight(weight)
-
-    def w8a8_linear(self, x, packed, weight_scale, bias=None):
-        """On AMX tiles (linear_w8a8_amx: quantize, int8 tile matmul and rescale in one op) where the CPU has
-        them, else oneDNN's int8 matmul on its prepacked weight: the activations as uint8 q + 128 with a unit
-        scale, so each token keeps its own scale, applied after with the bias."""
-        if packed is None or not _cpu(x) or x.dtype not in (torch.bfloat16, torch.float32) \
-                or torch.compiler.is_compiling():
-            return None
-        k = x.shape[-1]
-        rows = x.reshape(-1, k)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        if kernels.is_amx_packed(packed):
-            out = torch.ops.plexus.linear_w8a8_amx(rows, packed, weight_scale, bias)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        q, scale = torch.ops.plexus.quantize_rows(rows)
+    def w8a8_onednn(self, x: torch.Tensor, packed, weight_scale: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+        """x [M, K] rounded to int8 per token times an int8 weight prepacked for oneDNN (kernels.pack_int8_onednn)
+        with its per-channel weight_scale, + bias: the activations go in as uint8 q + 128 with a unit scale, so
+        each token keeps its own scale, applied after with the bias."""
+        q, scale = torch.ops.plexus.quantize_rows(x)
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, weight_scale, self._zero_points(weight_scale),
                                                None, 1.0, 0, torch.float32, "none", [], "")
-        out = torch.ops.plexus.scale_rows(y, scale, bias, x.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    def pack_int8_glu_weight(self, weight):
-        return kernels.pack_int8_glu_weight(weight)
-
-    def w8a8_silu_and_mul(self, x, packed, weight_scale, bias=None):
-        """On AMX tiles, silu(gate) * up as the matmul's epilogue (linear_w8a8_amx_glu): the [T, 2I] gate/up
-        output is never written, nor read back by a separate silu_and_mul."""
-        if packed is None or not _cpu(x) or x.dtype not in (torch.bfloat16, torch.float32) \
-                or torch.compiler.is_compiling():
-            return None
-        rows = x.reshape(-1, x.shape[-1])
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        out = torch.ops.plexus.linear_w8a8_amx_glu(rows, packed, weight_scale, bias)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return torch.ops.plexus.scale_rows(y, scale, bias, x.dtype)
 
     def _zero_points(self, weight_scale):
         """oneDNN wants per-channel weight zero points beside the scales: zeros, one tensor per size."""
@@ -153,61 +132,57 @@ class CpuModelOps(ModelOps):
 
     def decode_layers(self, model, hidden, positions, kv_caches, meta):
         """All layers of a step of one-token sequences in one C++ call (llama_decode_layers), for a model
-        that declares the recipe the kernel implements (FUSED_DECODE_RECIPES), with unquantized or
-        packed-integer weights (PackedInt), no per-token deltas and the kernel's own decode metadata (no
-        mask)."""
+        that declares the recipe the kernel implements (FUSED_DECODE_RECIPES), where the kernel
+        kernels.choose_linear picks for every linear at this row count is one the fused step runs, no linear
+        has a per-token delta, and the step has the kernel's own decode metadata (no mask)."""
         if not (self.fused_decode and model.decode_recipe in FUSED_DECODE_RECIPES and _cpu(hidden)
                 and meta.decode is not None and meta.decode.mask is None
                 and all(c.dtype == hidden.dtype and c.is_contiguous() for c in kv_caches)):
             return None
-        # Integer layers take the VNNI GEMV up to QUANT_LINEAR_MAX_ROWS; longer steps run fused only where
-        # every one of them is dynamic W8A8 with AMX tiles (packed when such a step first comes).
-        batch = hidden.shape[0] > kernels.QUANT_LINEAR_MAX_ROWS
-        key = (id(model), batch)
+        rows = hidden.shape[0]
+        key = (id(model), kernels.row_class(rows))
         if key not in self._decode_weights_of:
-            self._decode_weights_of[key] = self._decode_weights(model, hidden.dtype, batch)
-        weights = self._decode_weights_of[key]
-        if weights is None:
+            self._decode_weights_of[key] = self._decode_weights(model, hidden.dtype, rows)
+        plan = self._decode_weights_of[key]
+        if plan is None:
             return None
+        weights, kernel_ids = plan
         attn = model.layers[0].self_attn
         return torch.ops.plexus.llama_decode_layers(
             hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
-            model.rotary.cos, model.rotary.sin, kv_caches, weights, model.norm.weight, model.norm.eps,
-            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale,
-            kernels.FAST_LINEAR_MAX_ROWS, kernels.FAST_LINEAR_MAX_ROWS_UNPACKED, kernels.QUANT_LINEAR_MAX_ROWS)
+            model.rotary.cos, model.rotary.sin, kv_caches, weights, kernel_ids, model.norm.weight, model.norm.eps,
+            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale)
 
-    def _decode_weights(self, model, dtype, batch: bool) -> list[torch.Tensor | None] | None:
-        """The flat list llama_decode_layers reads: per linear its weight, bias, oneDNN-packed weight, and for
-        a PackedInt its int8/uint8 values in place of the weight with its scales and offsets (and for a
-        batch, the AMX tiles in place of the packed weight); or None when a layer cannot run fused (another
-        quantized form, a delta such as LoRA, a packed-integer layer without the VNNI kernel or in fp32, or
-        in a batch one without AMX tiles)."""
+    def _decode_weights(self, model, dtype, rows: int) -> tuple[list[torch.Tensor | None], list[int]] | None:
+        """The flat weight list llama_decode_layers reads (per linear: weight, bias, packed weight, scales,
+        offsets, each what its kernel reads or None) and the kernel of each linear, as choose_linear picks them
+        for `rows`; or None when a linear cannot run fused (a method with no int_form, a delta such as LoRA, or
+        a kernel the fused step does not have)."""
         weights: list[torch.Tensor | None] = []
+        kernel_ids: list[int] = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             entries = []
-            for lin in linears:
-                if lin.delta is not None:
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                form = lin.int_form
+                if lin.delta is not None or (form is None and lin.method is not UNQUANTIZED):
                     return None
-                if lin.method is UNQUANTIZED:
-                    entries.append([lin.weight, lin.bias, lin.packed_weight, None, None])
-                    continue
-                packed = lin.method.packed_int(lin)
-                if packed is None or not self.fast_quant_linear or dtype != torch.bfloat16:
-                    return None
-                tiles = None
-                if batch:   # gate_up's tiles are those of the kernel with silu(gate) * up as its epilogue
-                    method = lin.method
-                    tiles = method.w8a8_glu_packed(lin) if lin is mlp.gate_up_proj else method.w8a8_packed(lin)
-                    if not (kernels.is_amx_packed(tiles) and packed.bits == 8 and packed.scales.shape[1] == 1):
+                if form is None:
+                    kernel = kernels.choose_linear(rows, dtype if lin.weight.dtype == dtype else None,
+                                                   packed=lin.packed_weight is not None)
+                    entries.append([lin.weight, lin.bias_for_rank(), lin.packed_weight, None, None])
+                else:
+                    kernel = kernels.choose_linear(rows, dtype, form=form, glu=lin is mlp.gate_up_proj)
+                    if kernel not in kernels.FUSED_KERNELS:
                         return None
-                entries.append([packed.qweight, lin.bias_for_rank(), tiles, packed.scales, packed.offsets])
+                    tiles = kernels.layout(form, kernel) if kernel != Kernel.INT_GEMV else None
+                    entries.append([form.qweight, lin.bias_for_rank(), tiles, form.group_scales, form.group_offsets])
+                kernel_ids.append(int(kernel))
             weights.append(layer.input_layernorm.weight)
             weights += entries[0] + entries[1]
             weights.append(layer.post_attention_layernorm.weight)
             weights += entries[2] + entries[3]
-        return weights
+        return weights, kernel_ids
 
 
 class CpuPagedAttention(TorchPagedAttention):

@@ -23,34 +23,34 @@ class CudaModelOps(ModelOps):
         return triton_kernels.rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads,
                                              num_kv_heads, head_dim)
 
-    def pack_int8_weight(self, weight: torch.Tensor) -> object:
-        """The int8 weight [N, K] as _int_mm's second operand: [K, N] column-major, a view of it."""
-        n, k = weight.shape
-        return weight.t() if n % 8 == 0 and k % 8 == 0 else None
-
-    def w8a8_linear(self, x, packed, weight_scale, bias=None):
-        """x rounded to int8 per token, int8 x int8 -> int32 on the tensor cores, both scales after."""
+    def int_linear(self, x, form, bias, fallback, silu_and_mul=False):
+        """A dynamic W8A8 layer (form.w8a8): x rounded to int8 per token, int8 x int8 -> int32 on the tensor cores
+        (torch._int_mm, its weight operand [K, N] column-major as a view), both scales after; every other
+        integer form runs its method's path (tinygemm for 4-bit, dequantize-and-matmul)."""
         from plexus.models.quantization.int8 import quantize_per_token
 
-        if packed is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return None
-        rows = x.reshape(-1, x.shape[-1])
+        n, k = form.shape
+        if not (form.w8a8 and x.is_cuda and n % 8 == 0 and k % 8 == 0
+                and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+            return super().int_linear(x, form, bias, fallback, silu_and_mul)
+        rows = x.reshape(-1, k)
         m = rows.shape[0]
         q, scale = quantize_per_token(rows)
-        if m < _INT_MM_MIN_ROWS and q.is_cuda:
+        if m < _INT_MM_MIN_ROWS:
             q = torch.nn.functional.pad(q, (0, 0, 0, _INT_MM_MIN_ROWS - m))
-        y = torch._int_mm(q, packed)[:m].float() * scale * weight_scale
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
+        y = torch._int_mm(q, form.qweight.t())[:m].float() * scale * form.scales
+        y = y.to(x.dtype).view(*x.shape[:-1], n)
+        y = y if bias is None else y + bias
+        return self.silu_and_mul(y) if silu_and_mul else y
 
-    def fp8_linear(self, x, weight, weight_scale, bias=None, input_scale=None):
+    def fp8_linear(self, x, weight, weight_scale, bias, input_scale, fallback):
         """torch._scaled_mm on GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper): x rounded to
         e4m3 per token (or on the static input_scale), the per-channel weight scales applied in the epilogue."""
         k = x.shape[-1]
         n = weight.shape[0]
         if (not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 9) or k % 16 or n % 16
                 or x.dtype not in (torch.bfloat16, torch.float16)):
-            return None
+            return fallback(x)
         rows = x.reshape(-1, k).float()
         if input_scale is None:
             scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)

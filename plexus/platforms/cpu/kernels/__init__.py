@@ -10,11 +10,15 @@ compute the same thing in torch; tests hold the two together
 (plexus/platforms/cpu/ops.py uses the kernels)."""
 from __future__ import annotations
 
+import bisect
+import enum
 import hashlib
 import logging
 import pathlib
 
 import torch
+
+from plexus.models.quantization import packed as packed_int
 
 logger = logging.getLogger("plexus")
 
@@ -111,40 +115,93 @@ def amx_int8_available() -> bool:
     return _amx_int8
 
 
+class Kernel(enum.IntEnum):
+    """The matmul kernels a CPU linear layer can run. The first six run inside the fused decode step too, which
+    numbers them alike (ops.cpp's LinearKernel)."""
+    ATEN = 0            # F.linear on the plain weight
+    BF16_GEMV = 1       # linear_bf16: the hand-written GEMV for few rows
+    ONEDNN = 2          # oneDNN on the weight prepacked by pack_weight
+    INT_GEMV = 3        # linear_quant on a PackedInt: the VNNI GEMV, activations rounded per block of 32
+    W8A8_AMX = 4        # linear_w8a8_amx on the weight's AMX tiles, activations rounded per token
+    W8A8_AMX_GLU = 5    # linear_w8a8_amx_glu: the same with silu(gate) * up in its epilogue (a gate/up layer)
+    W8A8_ONEDNN = 6     # quantize_rows, oneDNN's int8 matmul, scale_rows (layer by layer only)
+    METHOD = 7          # the layer's LinearMethod's own torch path
+
+
+FUSED_KERNELS = frozenset(Kernel(k) for k in range(6))
+
+# The row counts (tokens in a step) at which choose_linear's answer may change, all measured on this machine's
+# kind (docs/performance.md):
+# the hand-written bf16 GEMV serves up to FAST_LINEAR_MAX_ROWS; above, oneDNN with prepacked weights is faster,
+# and without prepacked weights the GEMV still beats F.linear up to FAST_LINEAR_MAX_ROWS_UNPACKED.
+FAST_LINEAR_MAX_ROWS = 4
+FAST_LINEAR_MAX_ROWS_UNPACKED = 16
 # The quantized GEMV (linear_quant) serves steps of up to this many tokens: above, it reads each weight
-# block once per 4 rows and the methods' own paths (torch's int4/int8 kernels, dequantize-and-matmul) win.
+# block once per 4 rows and the methods' own paths (torch's int4/int8 kernels, dequantize-and-matmul, W8A8's
+# int8 matmuls) win.
 QUANT_LINEAR_MAX_ROWS = 8
 # Where a layer's alternative is dequantizing its weight (GGUF, odd-shaped groups), the kernel serves up to
 # this many: its cost grows with the rows (SmolLM2's 4-bit layers: 45 ms at 32 rows, 180 at 128), the
 # dequantization's does not (about 230 ms for a 512-token prefill).
 QUANT_LINEAR_MAX_ROWS_VS_DEQUANT = 128
-# The hand-written GEMV serves up to this many rows; above, oneDNN with prepacked weights is faster, and
-# without prepacked weights the GEMV still beats F.linear up to FAST_LINEAR_MAX_ROWS_UNPACKED
-# (both measured in docs/performance.md).
-FAST_LINEAR_MAX_ROWS = 4
-FAST_LINEAR_MAX_ROWS_UNPACKED = 16
+ROW_LIMITS = sorted({FAST_LINEAR_MAX_ROWS, FAST_LINEAR_MAX_ROWS_UNPACKED, QUANT_LINEAR_MAX_ROWS,
+                     QUANT_LINEAR_MAX_ROWS_VS_DEQUANT})
 PACK_BATCH_HINT = 64
 
 
-def pack_int8_weight(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
-    """int8 weight [N, K] as AMX tiles for linear_w8a8_amx (a plain int8 tensor [Nt, Kt, 16, 64]) where the CPU
-    has AMX-INT8, else prepacked for oneDNN's int8 matmul (onednn::qlinear_pointwise, an opaque tensor), or None
-    where torch has no such op."""
-    if weight.device.type != "cpu" or weight.dtype != torch.int8:
-        return None
-    if amx_int8_available():
-        return torch.ops.plexus.pack_int8_amx(weight)
-    return pack_int8_onednn(weight, rows_hint)
+def choose_linear(rows: int, dtype: torch.dtype | None, packed: bool = False, form=None, glu: bool = False
+                  ) -> Kernel:
+    """The kernel for a linear layer on a step of `rows` tokens in `dtype` (None: activations this platform's
+    kernels do not take): the one place the CPU platform makes that choice, for the op-by-op path and the fused
+    decode step alike. Unquantized layers: packed says a prepacked oneDNN copy is kept. Integer layers: form is
+    their PackedInt; glu asks for silu(gate) * up of a gate/up layer's output."""
+    compiling = torch.compiler.is_compiling()
+    if form is None:
+        gemv_rows = FAST_LINEAR_MAX_ROWS if packed else FAST_LINEAR_MAX_ROWS_UNPACKED
+        if dtype == torch.bfloat16 and 0 < rows <= gemv_rows and fast_linear_available():
+            return Kernel.BF16_GEMV
+        # (oneDNN's opaque packed tensors cannot be inputs of a compiled graph; inductor lowers F.linear itself)
+        return Kernel.ONEDNN if packed and rows > 0 and not compiling else Kernel.ATEN
+    if compiling or dtype not in (torch.bfloat16, torch.float32):
+        return Kernel.METHOD
+    # fp32 models keep their exact paths: the GEMV rounds activations to int8, which only W8A8 layers ask for
+    gemv_rows = QUANT_LINEAR_MAX_ROWS_VS_DEQUANT if form.dequantizes else QUANT_LINEAR_MAX_ROWS
+    if dtype == torch.bfloat16 and 0 < rows <= gemv_rows and fast_quant_linear_available() and _gemv_fits(form):
+        return Kernel.INT_GEMV
+    if form.w8a8:
+        if amx_int8_available():
+            return Kernel.W8A8_AMX_GLU if glu and form.shape[0] % 32 == 0 else Kernel.W8A8_AMX
+        if hasattr(torch.ops.onednn, "qlinear_prepack"):
+            return Kernel.W8A8_ONEDNN
+    return Kernel.METHOD
 
 
-def pack_int8_glu_weight(weight: torch.Tensor):
-    """A gate/up int8 weight [2I, K] as AMX tiles for linear_w8a8_amx_glu (gate and up rows interleaved 16 by
-    16, so the kernel applies silu(gate) * up itself), or None where that kernel does not run: no AMX, or I
-    not a multiple of 16."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.int8 or weight.shape[0] % 32
-            or not amx_int8_available()):
-        return None
-    return torch.ops.plexus.pack_int8_amx_glu(weight)
+def row_class(rows: int) -> int:
+    """Steps of the same class get the same choose_linear answers (every limit is 'rows <= limit')."""
+    return bisect.bisect_left(ROW_LIMITS, rows)
+
+
+def _gemv_fits(form) -> bool:
+    fits = form.layouts.get("gemv_fits")
+    if fits is None:
+        fits = form.layouts["gemv_fits"] = packed_int.supports(form.shape[1], form.group_size, form.bits)
+    return fits
+
+
+def layout(form, kernel: Kernel):
+    """form's weight as `kernel` reads it, made on its first use and kept with the form: AMX tiles
+    (pack_int8_amx; for the GLU kernel gate and up rows interleaved 16 by 16, pack_int8_amx_glu), or oneDNN's
+    prepacked int8 weight."""
+    if kernel not in form.layouts:
+        if kernel == Kernel.W8A8_AMX:
+            form.layouts[kernel] = torch.ops.plexus.pack_int8_amx(form.qweight)
+        elif kernel == Kernel.W8A8_AMX_GLU:
+            form.layouts[kernel] = torch.ops.plexus.pack_int8_amx_glu(form.qweight)
+        elif kernel == Kernel.W8A8_ONEDNN:
+            form.layouts[kernel] = pack_int8_onednn(form.qweight)
+        else:
+            raise ValueError(f"{kernel!r} reads the form as it is")
+    return form.layouts[kernel]
 
 
 def pack_int8_onednn(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
@@ -155,7 +212,7 @@ def pack_int8_onednn(weight: torch.Tensor, rows_hint: int = PACK_BATCH_HINT):
 
 
 def is_amx_packed(packed) -> bool:
-    """Whether pack_int8_weight gave AMX tiles (rather than oneDNN's opaque prepacked tensor)."""
+    """Whether a layout is AMX tiles (pack_int8_amx) rather than oneDNN's opaque prepacked tensor."""
     return isinstance(packed, torch.Tensor) and packed.dtype == torch.int8 and packed.dim() == 4
 
 

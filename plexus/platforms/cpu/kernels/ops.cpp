@@ -10,64 +10,81 @@
 
 namespace plexus {
 
+// The matmul kernels of a linear in the fused step, numbered as plexus.platforms.cpu.kernels.Kernel, where
+// the CPU platform chooses one per linear for the step's row count (the one place that choice is made).
+enum LinearKernel : int64_t {
+  kAten = 0,        // at::linear on the plain weight
+  kBf16Gemv = 1,    // linear_bf16
+  kOneDnn = 2,      // oneDNN on the prepacked weight (mkldnn::_linear_pointwise)
+  kIntGemv = 3,     // linear_quant on the integer weight, scales and offsets
+  kW8a8Amx = 4,     // linear_w8a8_amx on the AMX tiles, per-channel scales
+  kW8a8AmxGlu = 5,  // linear_w8a8_amx_glu: silu(gate) * up in the epilogue (gate/up only)
+};
+
 // ---------------------------------------------------------------------------
 // Every decoder layer of a Llama-family model for a step of single-token
 // sequences, in one call: the same ops as LlamaDecoderLayer.forward, minus
 // the Python between them (about a quarter of a batch-1 step in eager mode).
 // weights: 22 per layer: input norm; qkv weight, bias, packed, scales, offsets;
-// o likewise; post-attention norm; gate_up and down likewise. Absent biases and
-// packed weights (kernels.pack_weight) are None. A linear with scales is an
-// integer one (linear_quant: int8 weight for 8 bits, uint8 nibbles for 4), its
-// offsets possibly None; its packed weight, where given, is a dynamic W8A8
-// layer's AMX tiles (pack_int8_amx, with per-channel scales [N, 1]), which serve
-// steps of more than quant_rows rows; gate_up's are pack_int8_amx_glu's, whose
-// kernel applies silu(gate) * up itself.
+// o likewise; post-attention norm; gate_up and down likewise. kernels: 4 per
+// layer (qkv, o, gate_up, down), each a LinearKernel that says which of its
+// weights it reads: the plain weight (kAten, kBf16Gemv), the oneDNN-packed one
+// (kOneDnn), the integer weight (int8 for 8 bits, uint8 nibbles for 4) with
+// its scales [N, G] and offsets (kIntGemv), or AMX tiles in the packed slot
+// with per-channel scales (kW8a8Amx, kW8a8AmxGlu). Absent biases, packed
+// weights and offsets are None.
 // ---------------------------------------------------------------------------
 at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                                const at::Tensor& sin, at::TensorList kv_caches,
-                               const c10::List<c10::optional<at::Tensor>>& weights, const at::Tensor& final_norm,
-                               double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
-                               int64_t fast_rows_packed, int64_t fast_rows_unpacked, int64_t quant_rows) {
-  const int64_t rows = hidden.size(0);
-  const bool bf16_gemv = has_fast_linear() && hidden.scalar_type() == at::kBFloat16;
+                               const c10::List<c10::optional<at::Tensor>>& weights, at::IntArrayRef kernels,
+                               const at::Tensor& final_norm, double eps, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, double scale) {
   static auto packed_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  // The same choice as plexus.kernels.linear: GEMV for few rows, else oneDNN on prepacked weights, else ATen.
-  auto lin = [&](const at::Tensor& x, const c10::optional<at::Tensor>& wt, const c10::optional<at::Tensor>& b,
-                 const c10::optional<at::Tensor>& packed, const c10::optional<at::Tensor>& scales,
-                 const c10::optional<at::Tensor>& offsets) -> at::Tensor {
-    if (scales.has_value() && packed.has_value() && rows > quant_rows)
-      return linear_w8a8_amx(x, *packed, scales->view({-1}), b);
-    if (scales.has_value())
-      return linear_quant(x, *wt, *scales, offsets, b, wt->scalar_type() == at::kChar ? 8 : 4, false);
-    if (bf16_gemv && rows <= (packed.has_value() ? fast_rows_packed : fast_rows_unpacked))
-      return linear_bf16(x, *wt, b, false);
-    if (packed.has_value()) {
-      torch::jit::Stack stack{x, *packed, b, c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<at::Scalar>>()),
-                              c10::IValue(std::string(""))};
-      packed_linear.callBoxed(&stack);
-      return stack[0].toTensor();
+  auto lin = [&](int64_t kernel, const at::Tensor& x, const c10::optional<at::Tensor>& wt,
+                 const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& packed,
+                 const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& offsets) -> at::Tensor {
+    switch (kernel) {
+      case kBf16Gemv:
+        return linear_bf16(x, *wt, b, false);
+      case kOneDnn: {
+        torch::jit::Stack stack{x, *packed, b, c10::IValue(std::string("none")),
+                                c10::IValue(c10::List<c10::optional<at::Scalar>>()), c10::IValue(std::string(""))};
+        packed_linear.callBoxed(&stack);
+        return stack[0].toTensor();
+      }
+      case kIntGemv:
+        return linear_quant(x, *wt, *scales, offsets, b, wt->scalar_type() == at::kChar ? 8 : 4, false);
+      case kW8a8Amx:
+        return linear_w8a8_amx(x, *packed, scales->view({-1}), b);
+      case kW8a8AmxGlu:
+        return linear_w8a8_amx_glu(x, *packed, scales->view({-1}), b);
+      default:
+        TORCH_CHECK(kernel == kAten, "llama_decode_layers: unknown linear kernel ", kernel);
+        return at::linear(x, *wt, b);
     }
-    return at::linear(x, *wt, b);
   };
   const int64_t L = static_cast<int64_t>(kv_caches.size());
   constexpr int kPerLayer = 22;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == kPerLayer * L, "llama_decode_layers: 22 weights per layer");
+  TORCH_CHECK(static_cast<int64_t>(kernels.size()) == 4 * L, "llama_decode_layers: 4 kernels per layer");
   auto w = [&](int64_t l, int i) -> c10::optional<at::Tensor> { return weights.get(kPerLayer * l + i); };
+  auto linear = [&](int64_t l, int which, const at::Tensor& x) -> at::Tensor {
+    const int first = which < 2 ? 1 + 5 * which : 12 + 5 * (which - 2);
+    return lin(kernels[4 * l + which], x, w(l, first), w(l, first + 1), w(l, first + 2), w(l, first + 3),
+               w(l, first + 4));
+  };
   const int64_t B = hidden.size(0);
   at::Tensor residual = hidden.clone();
   at::Tensor h;
   for (int64_t l = 0; l < L; ++l) {
     h = l == 0 ? rms_norm(residual, *w(l, 0), eps) : add_rms_norm(h, residual, *w(l, 0), eps);
-    at::Tensor qkv = lin(h, w(l, 1), w(l, 2), w(l, 3), w(l, 4), w(l, 5));
-    at::Tensor q = rope_and_cache(qkv, positions, cos, sin, kv_caches[l], slot_mapping, num_heads, num_kv_heads,
-                                  head_dim);
+    at::Tensor q = rope_and_cache(linear(l, 0, h), positions, cos, sin, kv_caches[l], slot_mapping, num_heads,
+                                  num_kv_heads, head_dim);
     at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale).view({B, -1});
-    h = add_rms_norm(lin(attn, w(l, 6), w(l, 7), w(l, 8), w(l, 9), w(l, 10)), residual, *w(l, 11), eps);
-    const bool glu_tiles = w(l, 14).has_value() && w(l, 15).has_value() && rows > quant_rows;
-    h = glu_tiles ? linear_w8a8_amx_glu(h, *w(l, 14), w(l, 15)->view({-1}), w(l, 13))
-                  : silu_and_mul(lin(h, w(l, 12), w(l, 13), w(l, 14), w(l, 15), w(l, 16)));
-    h = lin(h, w(l, 17), w(l, 18), w(l, 19), w(l, 20), w(l, 21));
+    h = add_rms_norm(linear(l, 1, attn), residual, *w(l, 11), eps);
+    h = kernels[4 * l + 2] == kW8a8AmxGlu ? linear(l, 2, h) : silu_and_mul(linear(l, 2, h));
+    h = linear(l, 3, h);
   }
   return add_rms_norm(h, residual, final_norm, eps);
 }
@@ -92,9 +109,8 @@ TORCH_LIBRARY(plexus, m) {
         "Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim) -> Tensor");
   m.def("paged_attention_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("llama_decode_layers(Tensor hidden, Tensor positions, Tensor slot_mapping, Tensor block_tables, "
-        "Tensor seq_lens, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor?[] weights, Tensor final_norm, "
-        "float eps, int num_heads, int num_kv_heads, int head_dim, float scale, int fast_rows_packed, "
-        "int fast_rows_unpacked, int quant_rows) -> Tensor");
+        "Tensor seq_lens, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor?[] weights, int[] kernels, "
+        "Tensor final_norm, float eps, int num_heads, int num_kv_heads, int head_dim, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
