@@ -47,6 +47,8 @@ def test_every_engine_args_field_is_honoured_or_refused():
         "hf_token", "hf_overrides", "override_generation_config", "cudagraph_capture_sizes",
         "max_cudagraph_capture_size", "kv_cache_memory_bytes", "log_level",
         "distributed_executor_backend",
+        # model families (test_model_families.py)
+        "disable_sliding_window",
     }
     assert {f.name for f in dataclasses.fields(EngineArgs)} == refused | honoured
 

@@ -81,16 +81,3 @@ def test_prompt_logprobs_match_hf_log_softmax(tiny_model, max_num_batched_tokens
         hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
     assert out.outputs[0].token_ids == hf_out[0, len(prompt):].tolist()
-
-
-def test_sliding_window_models_are_capped_at_the_window(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(**{**BASE, "max_position_embeddings": 512}, hidden_size=64, num_attention_heads=4,
-                           num_key_value_heads=2, sliding_window=128)
-    MistralForCausalLM(config).save_pretrained(tmp_path)
-    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32", kv_cache_space=0.01)
-    assert llm.llm_engine.config.model.max_model_len == 128
-    with pytest.raises(ValueError, match=r"max_model_len=256 is larger .*\(128, sliding_window in config.json"):
-        LLM(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=256)

@@ -57,6 +57,7 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int | None = 0
     max_model_len: int | None = None
+    disable_sliding_window: bool = False     # True: the context capped at the window, attended in full
     max_num_seqs: int = 256             # vLLM's None means this default too
     max_num_batched_tokens: int | None = None
     block_size: int | None = None       # None: the platform's default (16; max_model_len on Neuron)
@@ -152,7 +153,7 @@ class EngineArgs:
         hf_config = model_settings.override_hf_config(
             model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code), self.hf_overrides)
         self._check_load_format(model_dir, hf_config)
-        max_model_len = model_settings.max_model_len(hf_config, self.max_model_len)
+        max_model_len = model_settings.max_model_len(hf_config, self.max_model_len, self.disable_sliding_window)
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
         elif self.enable_chunked_prefill:

@@ -57,14 +57,18 @@ def parse_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig) -> torch.
     return DTYPES[dtype]
 
 
-def max_model_len(hf_config: PretrainedConfig, requested: int | None) -> int:
+def max_model_len(hf_config: PretrainedConfig, requested: int | None, disable_sliding_window: bool = False) -> int:
+    """The context length: max_position_embeddings, or what was asked within it. Sliding windows are the
+    layers' own (each attends over its window, the context stays whole); disable_sliding_window=True (vLLM's)
+    caps the context at the window instead and makes every layer attend over all of it, which within the
+    window is the same."""
     derived = getattr(hf_config, "max_position_embeddings", None) or 2048
     source = "max_position_embeddings in config.json"
     window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) and window < derived:
-        # Attention here is full-context; within the window that is exactly sliding-window attention.
-        derived, source = window, ("sliding_window in config.json: plexus attends over the whole context, "
-                                   "which equals sliding-window attention only up to the window")
+    if disable_sliding_window and window:
+        if window < derived:
+            derived, source = window, "sliding_window in config.json, as disable_sliding_window=True asks"
+        hf_config.sliding_window = None
     if requested is None:
         return derived
     if requested > derived:

@@ -89,9 +89,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                         "cpu", "str"),
     "use_tqdm_on_load": Unsupported("plexus shows no progress bar while loading weights", True, "bool",
                                     also=(False,)),
-    "disable_sliding_window": Unsupported("plexus attends over the whole context and caps max_model_len at the "
-                                          "model's sliding window, which is what True asks", False, "bool",
-                                          also=(True,)),
     "disable_cascade_attn": Unsupported("plexus has no cascade attention: True (disabled) is what it does", None,
                                         "bool | None", also=(True,)),
     "pooler_config": Unsupported(_POOL, None, "dict | None"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from plexus.models.llama import LlamaForCausalLM
 from plexus.models.qwen2 import Qwen2ForCausalLM
+from plexus.models.qwen3 import Qwen3ForCausalLM
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,   # Mistral's layers are Llama's (its window caps max_model_len)
+    "MistralForCausalLM": LlamaForCausalLM,   # Mistral's layers are Llama's, with its sliding window
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 # config.json's model_type -> the architecture a config without "architectures" runs as (one written from a
@@ -17,6 +19,7 @@ MODEL_TYPE_TO_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 

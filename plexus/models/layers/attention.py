@@ -145,41 +145,114 @@ class TorchPagedAttention:
     # Whether steps with longer chunks come as one _Varlen description (AttentionMetadata.varlen).
     prefill_reads_block_tables = False
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                 has_sinks: bool = False) -> None:
+        """sliding_window: a query at position p attends keys at p - sliding_window < k <= p (HF's rule);
+        logits_soft_cap: scores become cap * tanh(scores / cap) before the softmax (Gemma 2); has_sinks: each
+        call passes a learned logit per query head that joins every softmax and takes its share of the weight
+        (gpt-oss)."""
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
+        self.has_sinks = has_sinks
+        # Plain causal softmax attention over every earlier position: what the platforms' kernels compute.
+        # Anything else runs here in torch, whichever backend the layer has.
+        self.plain = sliding_window is None and logits_soft_cap is None and not has_sinks
 
-    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
         # q: [T, Hq, D] -> [T, Hq * D]
+        if meta.varlen is not None:
+            return self._varlen(q, kv_cache, meta.varlen, sinks)
         if not meta.prefills:
-            return self._decode(q, kv_cache, meta.decode)
+            return self._decode(q, kv_cache, meta.decode, sinks)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         if meta.decode is not None:
-            out[meta.decode.tokens] = self._decode(q[meta.decode.tokens], kv_cache, meta.decode)
+            out[meta.decode.tokens] = self._decode(q[meta.decode.tokens], kv_cache, meta.decode, sinks)
         for chunk in meta.prefills:
-            out[chunk.start:chunk.start + chunk.q_len] = self._prefill(q[chunk.start:chunk.start + chunk.q_len],
-                                                                         kv_cache, chunk)
+            out[chunk.start:chunk.start + chunk.q_len] = self._sequence(
+                q[chunk.start:chunk.start + chunk.q_len], kv_cache, chunk.block_ids, chunk.seq_len, chunk.mask,
+                sinks)
         return out
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup) -> torch.Tensor:
-        num_seqs, max_len = q.shape[0], group.mask.shape[-1]
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+        num_seqs = q.shape[0]
+        mask = group.mask
+        if mask is None or self.sliding_window is not None:
+            # Built here when the metadata was made for a kernel that needs none (for a layer that kernel
+            # cannot run), or to narrow it to the window.
+            lens = group.seq_lens[:, None, None, None]
+            span = torch.arange(int(group.seq_lens.max()) if mask is None else mask.shape[-1], device=q.device)
+            mask = span < lens
+            if self.sliding_window is not None:
+                mask = mask & (span >= lens - self.sliding_window)
+        max_len = mask.shape[-1]
         keys = kv_cache[0][group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :max_len]
         values = kv_cache[1][group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)[:, :max_len]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)   # [B, Hq, 1, D]
-        return out.view(num_seqs, -1)
+        out = self._attend(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask, sinks)  # [B, Hq, 1, D]
+        return out.reshape(num_seqs, -1)
 
-    def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, chunk: _PrefillChunk) -> torch.Tensor:
+    def _sequence(self, q: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
+                  mask: torch.Tensor | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """One sequence's q_len new tokens [Q, Hq, D], the last of its seq_len positions, over its blocks;
+        mask [Q, S] or None (plain causal)."""
+        q_len = q.shape[0]
         shape = (-1, self.num_kv_heads, self.head_dim)
-        keys = kv_cache[0][chunk.block_ids].view(shape)[:chunk.seq_len].transpose(0, 1)     # [Hkv, S, D]
-        values = kv_cache[1][chunk.block_ids].view(shape)[:chunk.seq_len].transpose(0, 1)
-        # enable_gqa: each kv head serves its query-head group inside the kernel (bit-identical to
-        # repeating the kv heads, ~15% faster on CPU at SmolLM2's 9:3 heads, no copies).
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=chunk.mask,
-            is_causal=chunk.mask is None, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)  # [1, Hq, Q, D]
-        return out[0].transpose(0, 1).reshape(chunk.q_len, -1)
+        keys = kv_cache[0][block_ids].view(shape)[:seq_len].transpose(0, 1)     # [Hkv, S, D]
+        values = kv_cache[1][block_ids].view(shape)[:seq_len].transpose(0, 1)
+        if not self.plain:
+            query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+            key_pos = torch.arange(seq_len, device=q.device)[None, :]
+            mask = key_pos <= query_pos
+            if self.sliding_window is not None:
+                mask = mask & (key_pos > query_pos - self.sliding_window)
+        out = self._attend(q.transpose(0, 1)[None], keys[None], values[None], mask, sinks)  # [1, Hq, Q, D]
+        return out[0].transpose(0, 1).reshape(q_len, -1)
+
+    def _varlen(self, q: torch.Tensor, kv_cache: torch.Tensor, v: _Varlen, sinks: torch.Tensor | None
+                ) -> torch.Tensor:
+        """A step described for a varlen kernel, one sequence at a time (a layer that kernel cannot run)."""
+        starts, lens = v.query_start_loc.tolist(), v.seq_lens.tolist()
+        block_size = kv_cache.shape[2]
+        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        for s, seq_len in enumerate(lens):
+            a, b = starts[s], starts[s + 1]
+            block_ids = v.block_tables[s, :-(-seq_len // block_size)].long()
+            out[a:b] = self._sequence(q[a:b], kv_cache, block_ids, seq_len, None, sinks)
+        return out
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                sinks: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T * scale) v with the layer's extras: q [B, Hq, Q, D], keys and values [B, Hkv, S, D],
+        mask bool broadcast to [B, Hq, Q, S] (None: causal, aligned to the end; plain layers only)
+        -> [B, Hq, Q, D]."""
+        gqa = self.num_heads != self.num_kv_heads
+        if self.plain:
+            # enable_gqa: each kv head serves its query-head group inside the kernel (bit-identical to
+            # repeating the kv heads, ~15% faster on CPU at SmolLM2's 9:3 heads, no copies).
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.scale, enable_gqa=gqa)
+        if gqa:
+            group = self.num_heads // self.num_kv_heads
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        keys_t = keys.float().transpose(-1, -2)
+        out = torch.empty_like(q)
+        # Query rows a slice at a time, so the fp32 scores of a long prompt stay near 64 MiB.
+        rows = max(1, (1 << 24) // (q.shape[0] * q.shape[1] * keys.shape[2]))
+        for a in range(0, q.shape[2], rows):
+            scores = torch.matmul(q[:, :, a:a + rows].float(), keys_t) * self.scale
+            if self.logits_soft_cap is not None:
+                scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
+            scores = scores.masked_fill(~mask[..., a:a + rows, :], float("-inf"))
+            if sinks is not None:
+                sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+                probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+            else:
+                probs = torch.softmax(scores, dim=-1)
+            out[:, :, a:a + rows] = torch.matmul(probs.to(values.dtype), values)
+        return out

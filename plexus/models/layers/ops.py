@@ -72,15 +72,21 @@ class ModelOps:
     def rope_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
                        head_dim: int) -> torch.Tensor:
-        """Rotates q and k of the fused qkv rows [T, (Hq + 2 Hkv) * D] (cos/sin: [max_positions, D] fp32),
-        writes k and v into their cache slots (cache: [2, num_blocks, block_size, Hkv, D]; slot_mapping
-        indexes its flattened token rows) and returns the rotated q as [T, Hq, D]."""
+        """Rotates q and k of the fused qkv rows [T, (Hq + 2 Hkv) * D] (cos/sin: [max_positions, R] fp32, R <= D:
+        the first R dims of each head rotate, the rest pass through), writes k and v into their cache slots
+        (cache: [2, num_blocks, block_size, Hkv, D]; slot_mapping indexes its flattened token rows) and returns
+        the rotated q as [T, Hq, D]."""
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
         c = cos[positions].to(q.dtype)[:, None, :]
         s = sin[positions].to(q.dtype)[:, None, :]
-        q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        r = cos.shape[-1]
+        if r == head_dim:
+            q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        else:
+            q = torch.cat((q[..., :r] * c + rotate_half(q[..., :r]) * s, q[..., r:]), dim=-1)
+            k = torch.cat((k[..., :r] * c + rotate_half(k[..., :r]) * s, k[..., r:]), dim=-1)
         kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.reshape(k.shape))
         return q

@@ -22,7 +22,7 @@ class DecoderRecipe:
     # RMSNorm of q and k per head before the rotary embedding (Qwen3, Gemma 3)
     qk_norm: bool = False
     # "causal": grouped-query attention over every earlier position, scale head_dim ** -0.5 (no sliding
-    # window, sinks or soft-capping)
+    # window, sinks or soft-capping); "sliding": the same within each layer's own window
     attention: str = "causal"
     # "dense": one gated MLP, down(act(gate) * up), per layer ("moe": routed experts)
     mlp: str = "dense"
@@ -35,3 +35,6 @@ class DecoderRecipe:
 
 # Llama, Mistral, Qwen2, SmolLM: what the shared DecoderLayer computes.
 LLAMA_RECIPE = DecoderRecipe()
+
+# Qwen3: Llama's layer with q and k normalized per head before the rotary embedding.
+QWEN3_RECIPE = DecoderRecipe(qk_norm=True)

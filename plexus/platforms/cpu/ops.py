@@ -118,7 +118,7 @@ class CpuModelOps(ModelOps):
         return super().silu_and_mul(x)
 
     def rope_and_cache(self, qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
-        if _cpu(qkv) and qkv.dtype == kv_cache.dtype and kv_cache.is_contiguous():
+        if _cpu(qkv) and qkv.dtype == kv_cache.dtype and kv_cache.is_contiguous() and cos.shape[-1] == head_dim:
             return torch.ops.plexus.rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping,
                                                    num_heads, num_kv_heads, head_dim)
         return super().rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads,
@@ -191,8 +191,8 @@ class CpuPagedAttention(TorchPagedAttention):
 
     decode_reads_block_tables = True
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup) -> torch.Tensor:
-        if group.mask is not None:
-            return super()._decode(q, kv_cache, group)
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup, sinks=None) -> torch.Tensor:
+        if group.mask is not None or not self.plain:
+            return super()._decode(q, kv_cache, group, sinks)
         out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens, self.scale)
         return out.view(q.shape[0], -1)

@@ -14,10 +14,14 @@ class TritonPagedAttention(TorchPagedAttention):
     decode_reads_block_tables = True
     prefill_reads_block_tables = True
 
-    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D] -> [T, Hq * D]."""
+    def __call__(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, Hq, D] -> [T, Hq * D]. A layer with a sliding window, soft-capping or sinks runs the torch
+        path over the same metadata (TorchPagedAttention)."""
         from plexus.platforms.cuda import triton_kernels
 
+        if not self.plain:
+            return super().__call__(q, kv_cache, meta, sinks)
         if meta.varlen is not None:
             v = meta.varlen
             out = triton_kernels.paged_prefill_attention(q, kv_cache, v.block_tables, v.query_start_loc, v.seq_lens,

@@ -17,7 +17,7 @@ class CudaModelOps(ModelOps):
     def rope_and_cache(self, qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
         from plexus.platforms.cuda import triton_kernels
 
-        if qkv.stride(-1) != 1 or not kv_cache.is_contiguous():
+        if qkv.stride(-1) != 1 or not kv_cache.is_contiguous() or cos.shape[-1] != head_dim:
             return super().rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads,
                                           head_dim)
         return triton_kernels.rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads,

@@ -36,7 +36,12 @@ class SlotMetadata:
 class SlotAttention:
     """Attention over one KV slot per sequence (the new keys and values are already written)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                 has_sinks: bool = False) -> None:
+        if sliding_window is not None or logits_soft_cap is not None or has_sinks:
+            raise ValueError("the Neuron platform runs plain causal attention only: sliding windows, attention "
+                             "soft-capping and sinks are not supported there")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

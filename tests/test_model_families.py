@@ -1,0 +1,60 @@
+"""Model families beyond Llama, each against HF transformers on the same random weights (tests/family_parity.py):
+Qwen3 (per-head q/k norms), and the sliding windows of Mistral and Qwen2/3, shorter than the prompts, which
+keep the whole context (the window is per layer, never a cap on max_model_len)."""
+from __future__ import annotations
+
+import pytest
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, \
+    Qwen3ForCausalLM
+
+from family_parity import PATHS, SCHEDULES, build, check_family, hf_reference, prompts
+
+COMMON = dict(intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+              initializer_range=0.1)
+
+MODELS = {
+    "qwen3-gqa4to1-hd64-tied": (Qwen3Config, Qwen3ForCausalLM, dict(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True)),
+    "qwen3-mha-hd128-untied-bias": (Qwen3Config, Qwen3ForCausalLM, dict(
+        hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=128, attention_bias=True,
+        tie_word_embeddings=False)),
+    "qwen3-gqa2to1-hd24-sliding-20": (Qwen3Config, Qwen3ForCausalLM, dict(
+        hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=20, max_window_layers=1)),
+    "qwen2-sliding-24": (Qwen2Config, Qwen2ForCausalLM, dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=24, max_window_layers=1)),
+    "mistral-sliding-16": (MistralConfig, MistralForCausalLM, dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        sliding_window=16)),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def family(request, tmp_path_factory):
+    config_cls, model_cls, extra = MODELS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    hf = build(config_cls, model_cls, path, **COMMON, **extra)
+    ids = prompts()
+    return path, ids, hf_reference(hf, ids)
+
+
+@pytest.mark.parametrize("speed_path", list(PATHS))
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_family_matches_hf_token_for_token(family, speed_path, schedule, monkeypatch):
+    path, ids, expected = family
+    llm = check_family(path, expected, ids, PATHS[speed_path], SCHEDULES[schedule], monkeypatch)
+    assert llm.llm_engine.config.model.max_model_len == 256     # the window caps nothing
+
+
+def test_disable_sliding_window_caps_the_context_at_the_window(tmp_path):
+    """vLLM's disable_sliding_window=True: full attention over a context capped at the window."""
+    from plexus import LLM
+
+    build(MistralConfig, MistralForCausalLM, tmp_path, **COMMON, hidden_size=64, num_attention_heads=4,
+          num_key_value_heads=2, sliding_window=128)
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32", kv_cache_space=0.01,
+              disable_sliding_window=True)
+    assert llm.llm_engine.config.model.max_model_len == 128
+    with pytest.raises(ValueError, match=r"max_model_len=200 is larger .*\(128, sliding_window in config.json"):
+        LLM(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=200, disable_sliding_window=True)
