@@ -311,8 +311,8 @@ def test_every_registered_architecture_declares_its_shards_and_recipe():
 # --- fast paths are declared, never assumed --------------------------------------------------------------
 # A whole-model fast path (the CPU platform's fused C++ decode step, compiled decode graphs) runs a model only
 # if the model declares the recipe the path implements (plexus.models.layers.recipe). Planted here: a Llama
-# with one more op, Qwen3's RMSNorm of each query head before the rotary embedding, which the fused kernel does
-# not compute.
+# with one more op, an RMSNorm of each query head (not of the keys) before the rotary embedding, which the fused
+# kernel does not compute (it has Qwen3's norms of both).
 
 def _cpu_kernel_ops():
     import shutil
@@ -395,7 +395,7 @@ def test_fused_decode_runs_the_recipe_it_implements():
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("declares", ["qk_norm", "nothing"])
+@pytest.mark.parametrize("declares", ["its-own", "nothing"])
 def test_model_with_an_extra_op_falls_back_to_layer_by_layer(declares):
     import dataclasses
 
@@ -404,7 +404,7 @@ def test_model_with_an_extra_op_falls_back_to_layer_by_layer(declares):
     from plexus.models.layers.recipe import LLAMA_RECIPE
 
     ops, backend = _cpu_kernel_ops()
-    recipe = dataclasses.replace(LLAMA_RECIPE, qk_norm=True) if declares == "qk_norm" else None
+    recipe = dataclasses.replace(LLAMA_RECIPE, attention="q-normed") if declares == "its-own" else None
     _, fused, eager, ran_fused = _decode_step(_q_norm_llama(recipe), ops, backend)
     assert not ran_fused
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)

@@ -158,6 +158,27 @@ def test_decode_attention_matches_sdpa_path(dtype, hq, hkv, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 128), (6, 2, 24)])
+@pytest.mark.parametrize("window", [1, 7, 16, 100])
+def test_decode_attention_kernel_over_a_sliding_window(dtype, hq, hkv, d, window):
+    """The kernel called directly, against the window written out here: the query at position len - 1
+    attends the last `window` positions (HF's rule kv > q - window), softmax in fp32."""
+    block_size, seq_lens = 4, [1, 9, 30, 45]
+    tables = torch.arange(4 * 12).view(4, 12).flip(1)    # blocks in reverse order, so tables matter
+    cache = _cache(48, block_size, hkv, d, dtype)
+    q = torch.randn(len(seq_lens), hq, d, generator=torch.Generator().manual_seed(5)).to(dtype)
+    scale = d ** -0.5
+    out = torch.ops.plexus.paged_attention_decode(q, cache, tables, torch.tensor(seq_lens), scale, window)
+    for b, n in enumerate(seq_lens):
+        pos = torch.arange(max(0, n - window), n)
+        rows = tables[b, pos // block_size] * block_size + pos % block_size
+        k = cache[0].reshape(-1, hkv, d)[rows].float().repeat_interleave(hq // hkv, dim=1)   # [S, Hq, D]
+        v = cache[1].reshape(-1, hkv, d)[rows].float().repeat_interleave(hq // hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,shd->hs", q[b].float(), k) * scale, dim=-1)
+        _close(out[b], torch.einsum("hs,shd->hd", p, v), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_greedy_sample_is_argmax_and_its_logprob(dtype):
     logits = (torch.randn(5, 49152 + 7, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
     logits[2, 100] = logits[2, 4000] = logits[2].max() + 1      # a tie: the first index wins, as in argmax

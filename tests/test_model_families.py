@@ -45,6 +45,9 @@ def test_family_matches_hf_token_for_token(family, speed_path, schedule, monkeyp
     path, ids, expected = family
     llm = check_family(path, expected, ids, PATHS[speed_path], SCHEDULES[schedule], monkeypatch)
     assert llm.llm_engine.config.model.max_model_len == 256     # the window caps nothing
+    if speed_path == "fused":   # these recipes (q/k norms, windows) are the CPU fused decode step's own
+        model = llm.llm_engine.executor.worker.model
+        assert any(plan is not None for plan in model.ops._decode_weights_of.values())
 
 
 def test_disable_sliding_window_caps_the_context_at_the_window(tmp_path):

@@ -6,19 +6,23 @@ ModelOps method otherwise, so results never depend on which served; tests/test_k
 kernel against the torch code it replaces."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from plexus.core import sampler
 from plexus.models.layers.attention import TorchPagedAttention, _DecodeGroup
 from plexus.models.layers.linear import UNQUANTIZED
 from plexus.models.layers.ops import ModelOps
-from plexus.models.layers.recipe import LLAMA_RECIPE
+from plexus.models.layers.recipe import LLAMA_RECIPE, QWEN3_RECIPE
 from plexus.platforms.cpu import kernels
 from plexus.platforms.cpu.kernels import Kernel
 
-# What llama_decode_layers computes (kernels/ops.cpp): RMSNorm pre-norms, fused q/k/v with rotate-half rotary,
-# causal GQA, a dense SiLU-gated MLP. Any other model runs layer by layer, through the same kernels per op.
-FUSED_DECODE_RECIPES = frozenset({LLAMA_RECIPE})
+# What llama_decode_layers computes (kernels/ops.cpp): RMSNorm pre-norms, fused q/k/v (with or without per-head
+# q/k RMSNorms) with rotate-half rotary, causal GQA over every position or each layer's window, a dense
+# SiLU-gated MLP. Any other model runs layer by layer, through the same kernels per op.
+FUSED_DECODE_RECIPES = frozenset(dataclasses.replace(recipe, attention=attention)
+                                 for recipe in (LLAMA_RECIPE, QWEN3_RECIPE) for attention in ("causal", "sliding"))
 
 
 def _cpu(t: torch.Tensor) -> bool:
@@ -148,10 +152,11 @@ class CpuModelOps(ModelOps):
             return None
         weights, kernel_ids = plan
         attn = model.layers[0].self_attn
+        windows = [layer.self_attn.attn.sliding_window or 0 for layer in model.layers]
         return torch.ops.plexus.llama_decode_layers(
             hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
-            model.rotary.cos, model.rotary.sin, kv_caches, weights, kernel_ids, model.norm.weight, model.norm.eps,
-            attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale)
+            model.rotary.cos, model.rotary.sin, kv_caches, weights, kernel_ids, windows, model.norm.weight,
+            model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale)
 
     def _decode_weights(self, model, dtype, rows: int) -> tuple[list[torch.Tensor | None], list[int]] | None:
         """The flat weight list llama_decode_layers reads (per linear: weight, bias, packed weight, scales,
@@ -182,6 +187,7 @@ class CpuModelOps(ModelOps):
             weights += entries[0] + entries[1]
             weights.append(layer.post_attention_layernorm.weight)
             weights += entries[2] + entries[3]
+            weights += [attn.q_norm.weight, attn.k_norm.weight] if model.decode_recipe.qk_norm else [None, None]
         return weights, kernel_ids
 
 
@@ -192,7 +198,8 @@ class CpuPagedAttention(TorchPagedAttention):
     decode_reads_block_tables = True
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup, sinks=None) -> torch.Tensor:
-        if group.mask is not None or not self.plain:
+        if group.mask is not None or self.logits_soft_cap is not None or self.has_sinks:
             return super()._decode(q, kv_cache, group, sinks)
-        out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens, self.scale)
+        out = torch.ops.plexus.paged_attention_decode(q, kv_cache, group.block_tables, group.seq_lens, self.scale,
+                                                      self.sliding_window or 0)
         return out.view(q.shape[0], -1)

@@ -287,5 +287,5 @@ def _register_fake_impls() -> None:
         return torch.empty_like(hidden)
 
     @lib.register_fake("plexus::paged_attention_decode")
-    def _(q, kv_cache, block_tables, seq_lens, scale):
+    def _(q, kv_cache, block_tables, seq_lens, scale, window=0):
         return torch.empty_like(q)

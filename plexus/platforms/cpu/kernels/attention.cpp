@@ -155,33 +155,33 @@ void attend_bf16(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* r
   }
 }
 
-bool attend_bf16_fast(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t len,
-                      int64_t block_size, int64_t Hkv, int64_t h, int64_t G, int64_t D, float scale,
+// Positions start..len-1 of the sequence (start > 0 under a sliding window).
+bool attend_bf16_fast(const bf16* q, const bf16* kc, const bf16* vc, const int64_t* table, int64_t start,
+                      int64_t len, int64_t block_size, int64_t Hkv, int64_t h, int64_t G, int64_t D, float scale,
                       std::vector<float>& scores, std::vector<int64_t>& rows, bf16* out) {
   if (G > kMaxGroup || (D != 64 && D != 128)) return false;
-  scores.resize(G * len);
-  rows.resize(len);
-  for (int64_t t = 0, b = 0; t < len; t += block_size, ++b) {
-    const int64_t base = table[b] * block_size, n = std::min(block_size, len - t);
-    for (int64_t j = 0; j < n; ++j) rows[t + j] = base + j;
-  }
-  if (D == 64) attend_bf16<2>(q, kc, vc, rows.data(), len, Hkv, h, G, scale, scores.data(), out);
-  else attend_bf16<4>(q, kc, vc, rows.data(), len, Hkv, h, G, scale, scores.data(), out);
+  const int64_t n = len - start;
+  scores.resize(G * n);
+  rows.resize(n);
+  for (int64_t t = start; t < len; ++t) rows[t - start] = table[t / block_size] * block_size + t % block_size;
+  if (D == 64) attend_bf16<2>(q, kc, vc, rows.data(), n, Hkv, h, G, scale, scores.data(), out);
+  else attend_bf16<4>(q, kc, vc, rows.data(), n, Hkv, h, G, scale, scores.data(), out);
   return true;
 }
 #endif
 
-// One (sequence, kv head) in any dtype and head size: the reference loop the fast path must agree with.
+// One (sequence, kv head) in any dtype and head size, over positions start..len-1: the reference loop the
+// fast path must agree with.
 template <typename T>
-void attend_generic(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t len, int64_t block_size,
-                    int64_t Hkv, int64_t h, int64_t G, int64_t D, float scale, std::vector<float>& qf,
-                    std::vector<float>& acc, std::vector<float>& scores, T* out) {
+void attend_generic(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t start, int64_t len,
+                    int64_t block_size, int64_t Hkv, int64_t h, int64_t G, int64_t D, float scale,
+                    std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores, T* out) {
   qf.resize(G * D);
   acc.assign(G * D, 0.f);
-  scores.resize(G * len);
+  scores.assign(G * len, 0.f);
   for (int64_t i = 0; i < G * D; ++i) qf[i] = to_f(q[i]) * scale;
   std::vector<float> mx(G, -INFINITY), denom(G, 0.f);
-  for (int64_t t = 0; t < len; ++t) {
+  for (int64_t t = start; t < len; ++t) {
     const T* k = kc + ((table[t / block_size] * block_size + t % block_size) * Hkv + h) * D;
     for (int64_t g = 0; g < G; ++g) {
       const float s = dot(qf.data() + g * D, k, D);
@@ -190,12 +190,12 @@ void attend_generic(const T* q, const T* kc, const T* vc, const int64_t* table, 
     }
   }
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = 0; t < len; ++t) {
+    for (int64_t t = start; t < len; ++t) {
       const float e = std::exp(scores[g * len + t] - mx[g]);
       scores[g * len + t] = e;
       denom[g] += e;
     }
-  for (int64_t t = 0; t < len; ++t) {
+  for (int64_t t = start; t < len; ++t) {
     const T* v = vc + ((table[t / block_size] * block_size + t % block_size) * Hkv + h) * D;
     for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], v, acc.data() + g * D, D);
   }
@@ -206,8 +206,9 @@ void attend_generic(const T* q, const T* kc, const T* vc, const int64_t* table, 
 }
 
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& seq_lens, double scale) {
-  // q: [B, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]; seq_lens: [B]
+                                  const at::Tensor& seq_lens, double scale, int64_t window) {
+  // q: [B, Hq, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, max_blocks]; seq_lens: [B];
+  // window > 0: the query (position len - 1) attends the last `window` positions only (HF's sliding window)
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.is_contiguous(), "paged_attention_decode: shapes");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "paged_attention_decode: dtype");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
@@ -226,10 +227,11 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cach
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads()), ntasks = B * Hkv;
   std::vector<int64_t> first(nthreads + 1, ntasks);
   int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) total += Hkv * (lp[b] + 16);
+  auto span = [&](int64_t b) { return window > 0 ? std::min(lp[b], window) : lp[b]; };
+  for (int64_t b = 0; b < B; ++b) total += Hkv * (span(b) + 16);
   for (int64_t i = 0, done = 0, th = 0; i < ntasks; ++i) {
     while (th < nthreads && done * nthreads >= total * th) first[th++] = i;
-    done += lp[i / Hkv] + 16;
+    done += span(i / Hkv) + 16;
   }
   PLEXUS_DISPATCH(q.scalar_type(), "paged_attention_decode", [&] {
     const scalar_t* qp = qc.data_ptr<scalar_t>();
@@ -241,18 +243,18 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cach
       std::vector<float> qf, acc, scores;
       std::vector<int64_t> rows;
       for (int64_t i = first[p0]; i < first[p1]; ++i) {
-        const int64_t b = i / Hkv, h = i % Hkv, len = lp[b], off = (b * Hq + h * G) * D;
+        const int64_t b = i / Hkv, h = i % Hkv, len = lp[b], start = len - span(b), off = (b * Hq + h * G) * D;
         const int64_t* table = tp + b * max_blocks;
 #if defined(__AVX512BF16__)
         // (the casts are no-ops: this branch only runs when scalar_t is bf16)
         if (std::is_same_v<scalar_t, bf16> &&
             attend_bf16_fast(reinterpret_cast<const bf16*>(qp) + off, reinterpret_cast<const bf16*>(kc),
-                             reinterpret_cast<const bf16*>(vc), table, len, block_size, Hkv, h, G, D,
+                             reinterpret_cast<const bf16*>(vc), table, start, len, block_size, Hkv, h, G, D,
                              static_cast<float>(scale), scores, rows, reinterpret_cast<bf16*>(op) + off))
           continue;
 #endif
-        attend_generic(qp + off, kc, vc, table, len, block_size, Hkv, h, G, D, static_cast<float>(scale), qf, acc,
-                       scores, op + off);
+        attend_generic(qp + off, kc, vc, table, start, len, block_size, Hkv, h, G, D, static_cast<float>(scale), qf,
+                       acc, scores, op + off);
       }
     });
   });

@@ -116,7 +116,7 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& positions, co
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
 // attention.cpp
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& seq_lens, double scale);
+                                  const at::Tensor& seq_lens, double scale, int64_t window);
 std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits);
 
 }  // namespace plexus

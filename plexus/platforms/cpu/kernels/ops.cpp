@@ -25,8 +25,10 @@ enum LinearKernel : int64_t {
 // Every decoder layer of a Llama-family model for a step of single-token
 // sequences, in one call: the same ops as LlamaDecoderLayer.forward, minus
 // the Python between them (about a quarter of a batch-1 step in eager mode).
-// weights: 22 per layer: input norm; qkv weight, bias, packed, scales, offsets;
-// o likewise; post-attention norm; gate_up and down likewise. kernels: 4 per
+// weights: 24 per layer: input norm; qkv weight, bias, packed, scales, offsets;
+// o likewise; post-attention norm; gate_up and down likewise; the q and k
+// norms of each head (Qwen3's recipe; None for Llama's). windows: per layer,
+// the sliding window (0: none). kernels: 4 per
 // layer (qkv, o, gate_up, down), each a LinearKernel that says which of its
 // weights it reads: the plain weight (kAten, kBf16Gemv), the oneDNN-packed one
 // (kOneDnn), the integer weight (int8 for 8 bits, uint8 nibbles for 4) with
@@ -38,8 +40,8 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                                const at::Tensor& sin, at::TensorList kv_caches,
                                const c10::List<c10::optional<at::Tensor>>& weights, at::IntArrayRef kernels,
-                               const at::Tensor& final_norm, double eps, int64_t num_heads, int64_t num_kv_heads,
-                               int64_t head_dim, double scale) {
+                               at::IntArrayRef windows, const at::Tensor& final_norm, double eps, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, double scale) {
   static auto packed_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   auto lin = [&](int64_t kernel, const at::Tensor& x, const c10::optional<at::Tensor>& wt,
                  const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& packed,
@@ -65,9 +67,10 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
     }
   };
   const int64_t L = static_cast<int64_t>(kv_caches.size());
-  constexpr int kPerLayer = 22;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kPerLayer * L, "llama_decode_layers: 22 weights per layer");
+  constexpr int kPerLayer = 24;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kPerLayer * L, "llama_decode_layers: 24 weights per layer");
   TORCH_CHECK(static_cast<int64_t>(kernels.size()) == 4 * L, "llama_decode_layers: 4 kernels per layer");
+  TORCH_CHECK(static_cast<int64_t>(windows.size()) == L, "llama_decode_layers: a window per layer");
   auto w = [&](int64_t l, int i) -> c10::optional<at::Tensor> { return weights.get(kPerLayer * l + i); };
   auto linear = [&](int64_t l, int which, const at::Tensor& x) -> at::Tensor {
     const int first = which < 2 ? 1 + 5 * which : 12 + 5 * (which - 2);
@@ -79,9 +82,17 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
   at::Tensor h;
   for (int64_t l = 0; l < L; ++l) {
     h = l == 0 ? rms_norm(residual, *w(l, 0), eps) : add_rms_norm(h, residual, *w(l, 0), eps);
-    at::Tensor q = rope_and_cache(linear(l, 0, h), positions, cos, sin, kv_caches[l], slot_mapping, num_heads,
-                                  num_kv_heads, head_dim);
-    at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale).view({B, -1});
+    at::Tensor qkv = linear(l, 0, h);
+    if (w(l, 22).has_value()) {   // RMSNorm of every q and k head before the rotary embedding
+      for (int part = 0; part < 2; ++part) {
+        const int64_t heads = part == 0 ? num_heads : num_kv_heads;
+        at::Tensor x = qkv.narrow(1, part == 0 ? 0 : num_heads * head_dim, heads * head_dim);
+        x.copy_(rms_norm(x.reshape({B * heads, head_dim}), *w(l, 22 + part), eps).view({B, heads * head_dim}));
+      }
+    }
+    at::Tensor q = rope_and_cache(qkv, positions, cos, sin, kv_caches[l], slot_mapping, num_heads, num_kv_heads,
+                                  head_dim);
+    at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale, windows[l]).view({B, -1});
     h = add_rms_norm(linear(l, 1, attn), residual, *w(l, 11), eps);
     h = kernels[4 * l + 2] == kW8a8AmxGlu ? linear(l, 2, h) : silu_and_mul(linear(l, 2, h));
     h = linear(l, 3, h);
@@ -107,10 +118,12 @@ TORCH_LIBRARY(plexus, m) {
   m.def("greedy_sample(Tensor logits) -> (Tensor, Tensor)");
   m.def("rope_and_cache(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) kv_cache, "
         "Tensor slot_mapping, int num_heads, int num_kv_heads, int head_dim) -> Tensor");
-  m.def("paged_attention_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("paged_attention_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
+        "int window=0) -> Tensor");
   m.def("llama_decode_layers(Tensor hidden, Tensor positions, Tensor slot_mapping, Tensor block_tables, "
         "Tensor seq_lens, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor?[] weights, int[] kernels, "
-        "Tensor final_norm, float eps, int num_heads, int num_kv_heads, int head_dim, float scale) -> Tensor");
+        "int[] windows, Tensor final_norm, float eps, int num_heads, int num_kv_heads, int head_dim, float scale) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
