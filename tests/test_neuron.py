@@ -297,13 +297,17 @@ def test_sdk_arguments_without_quantization_and_with_f8(vllm_example_config, mon
 def test_sdk_refuses_architectures_transformers_neuronx_lacks(vllm_example_config):
     hf_config = vllm_example_config.model.hf_config
     original = hf_config.architectures
-    hf_config.architectures = ["Qwen2ForCausalLM"]
+    hf_config.architectures = ["Qwen3ForCausalLM"]
     try:
-        with pytest.raises(ValueError, match="the Qwen2ForCausalLM architecture has no transformers-neuronx model "
-                                             "in plexus; supported on Neuron: LlamaForCausalLM, MistralForCausalLM"):
+        with pytest.raises(ValueError, match="the Qwen3ForCausalLM architecture has no transformers-neuronx model "
+                                             "in plexus; supported on Neuron: LlamaForCausalLM, MistralForCausalLM, "
+                                             "MixtralForCausalLM, Qwen2ForCausalLM"):
             _sdk_spec(vllm_example_config)
-        hf_config.architectures = ["MistralForCausalLM"]
-        assert _sdk_spec(vllm_example_config).model_class == "MistralForSampling"
+        # transformers-neuronx's own module for each (vLLM's loader names them so)
+        for arch, cls in [("MistralForCausalLM", "MistralForSampling"), ("MixtralForCausalLM", "MixtralForSampling"),
+                          ("Qwen2ForCausalLM", "Qwen2ForSampling")]:
+            hf_config.architectures = [arch]
+            assert _sdk_spec(vllm_example_config).model_class == cls
     finally:
         hf_config.architectures = original
 

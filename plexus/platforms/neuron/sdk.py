@@ -24,8 +24,14 @@ from plexus.platforms.neuron.settings import NeuronSettings
 
 logger = logging.getLogger("plexus")
 
-# HF architecture -> transformers-neuronx sampling class (vLLM's neuron model loader maps the same two).
-ARCHITECTURES = {"LlamaForCausalLM": "LlamaForSampling", "MistralForCausalLM": "MistralForSampling"}
+# HF architecture -> transformers-neuronx sampling class: the families the SDK has (vLLM's transformers-neuronx
+# loader maps Llama and Mistral; the SDK also has Mixtral and Qwen2). Every other family plexus runs (Qwen3,
+# Gemma 2/3, Phi-3, Qwen3-MoE, gpt-oss) is refused on Neuron by name.
+ARCHITECTURES = {"LlamaForCausalLM": "LlamaForSampling", "MistralForCausalLM": "MistralForSampling",
+                 "MixtralForCausalLM": "MixtralForSampling", "Qwen2ForCausalLM": "Qwen2ForSampling"}
+# sampling class -> its module in the transformers_neuronx package
+_MODULES = {"LlamaForSampling": "llama.model", "MistralForSampling": "mistral.model",
+            "MixtralForSampling": "mixtral.model", "Qwen2ForSampling": "qwen2.model"}
 _COMPLETE = "plexus-complete.json"
 
 
@@ -104,6 +110,8 @@ def sdk_version() -> str:
 
 def load_sdk_model(spec: NeuronModelSpec):
     """Build, compile (or load the compiled graphs of) and return the transformers-neuronx model."""
+    import importlib
+
     import transformers_neuronx as tnx
 
     kwargs = dict(spec.neuron_config)
@@ -111,8 +119,9 @@ def load_sdk_model(spec: NeuronModelSpec):
     if kwargs.get("quant") is not None:
         kwargs["quant"] = tnx.QuantizationConfig(**kwargs["quant"])
     neuron_config = tnx.NeuronConfig(**kwargs)
-    model = getattr(tnx, spec.model_class).from_pretrained(spec.model_path, neuron_config=neuron_config,
-                                                           **spec.from_pretrained)
+    model_class = getattr(importlib.import_module(f"transformers_neuronx.{_MODULES[spec.model_class]}"),
+                          spec.model_class)
+    model = model_class.from_pretrained(spec.model_path, neuron_config=neuron_config, **spec.from_pretrained)
     return compile_or_load(model, spec)
 
 
