@@ -61,3 +61,54 @@ def test_disable_sliding_window_caps_the_context_at_the_window(tmp_path):
     assert llm.llm_engine.config.model.max_model_len == 128
     with pytest.raises(ValueError, match=r"max_model_len=200 is larger .*\(128, sliding_window in config.json"):
         LLM(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=200, disable_sliding_window=True)
+
+
+def _byte_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_plexus_quantize_on_qwen3_runs_as_hf_does_on_the_dequantized_weights(fmt, tmp_path):
+    """`plexus quantize` (GPTQ, 4 bits) on a Qwen3 checkpoint, then plexus on what it wrote, against HF's Qwen3
+    with every quantized linear replaced by its dequantization, read back from the file by the test's own
+    unpacker (tests/test_quantize.py)."""
+    import torch
+    from safetensors.torch import load_file
+    from test_quantize import dequant_compressed_tensors, dequant_gptq
+
+    from plexus import LLM, SamplingParams
+    from plexus.entrypoints.cli import main
+
+    src, out = tmp_path / "qwen3", tmp_path / "out"
+    hf = build(Qwen3Config, Qwen3ForCausalLM, src, **COMMON, hidden_size=128, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
+    _byte_tokenizer(src)
+    assert main(["quantize", str(src), "--method", "gptq", "--format", fmt, "--group-size", "32", "--out", str(out),
+                 "--num-samples", "4", "--seq-len", "64"]) == 0
+    tensors = load_file(out / "model.safetensors")
+    with torch.no_grad():
+        for name, param in hf.named_parameters():    # norms and embeddings as written (GPTQ's are fp16)
+            if name in tensors:
+                param.copy_(tensors[name].float())
+        for name, module in hf.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                w = (dequant_compressed_tensors(tensors, name, 4, 32) if fmt == "compressed-tensors"
+                     else dequant_gptq(tensors, name, 4))
+                module.weight.copy_(w)
+    ids = prompts()
+    expected = hf_reference(hf, ids)
+    llm = LLM(model=str(out), dtype="float32", kv_cache_space=0.02)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in ids],
+                           SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=1, ignore_eos=True),
+                           use_tqdm=False)
+    for p, o, (greedy, logprobs) in zip(ids, outputs, expected):
+        assert o.outputs[0].token_ids == greedy
+        assert max(abs(o.prompt_logprobs[i][p[i]].logprob - logprobs[i - 1, p[i]].item())
+                   for i in range(1, len(p))) < 1e-4
