@@ -150,8 +150,8 @@ class EngineArgs:
         tokenizer_dir = None
         if self.tokenizer is not None and not self.skip_tokenizer_init:
             tokenizer_dir = model_files.resolve_tokenizer_dir(self.tokenizer, hub, self.tokenizer_revision)
-        hf_config = model_settings.override_hf_config(
-            model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code), self.hf_overrides)
+        hf_config = model_files.text_model_config(model_settings.override_hf_config(
+            model_files.load_config(model_dir, trust_remote_code=self.trust_remote_code), self.hf_overrides))
         self._check_load_format(model_dir, hf_config)
         max_model_len = model_settings.max_model_len(hf_config, self.max_model_len, self.disable_sliding_window)
         if self.max_num_batched_tokens is not None:

@@ -82,3 +82,21 @@ def quantization_method(hf_config) -> str | None:
         qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
     method = qc.get("quant_method")
     return None if method is None else str(method)
+
+
+# Multimodal checkpoints plexus runs as their text model: architecture -> the text model's architecture.
+TEXT_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+
+
+def text_model_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The config the engine runs: a multimodal checkpoint's text_config (with the checkpoint's architecture
+    mapped to the text model's, its dtype and quantization_config), any other config as it is."""
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    if architecture not in TEXT_MODELS:
+        return config
+    text = config.text_config
+    text.architectures = [TEXT_MODELS[architecture]]
+    for key in ("dtype", "quantization_config"):
+        if getattr(text, key, None) is None and getattr(config, key, None) is not None:
+            setattr(text, key, getattr(config, key))
+    return text

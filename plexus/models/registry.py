@@ -2,11 +2,14 @@
 (the worker's build_model, the GGUF converter)."""
 from __future__ import annotations
 
+from plexus.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from plexus.models.llama import LlamaForCausalLM
 from plexus.models.qwen2 import Qwen2ForCausalLM
 from plexus.models.qwen3 import Qwen3ForCausalLM
 
 ARCHITECTURES = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,     # also the text model of Gemma3ForConditionalGeneration
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # Mistral's layers are Llama's, with its sliding window
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -16,6 +19,9 @@ ARCHITECTURES = {
 # config.json's model_type -> the architecture a config without "architectures" runs as (one written from a
 # bare LlamaConfig, or converted from a GGUF file).
 MODEL_TYPE_TO_ARCHITECTURE = {
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",

@@ -38,3 +38,10 @@ LLAMA_RECIPE = DecoderRecipe()
 
 # Qwen3: Llama's layer with q and k normalized per head before the rotary embedding.
 QWEN3_RECIPE = DecoderRecipe(qk_norm=True)
+
+# Gemma 2: (1 + w) RMSNorms before and after attention and the MLP, scaled embeddings, GeGLU, scores scaled by
+# query_pre_attn_scalar and soft-capped, interleaved sliding-window layers. Gemma 3: the same with q/k norms and
+# a RoPE base per layer type, no soft-capping. (No fused step runs them yet: they run layer by layer.)
+GEMMA2_RECIPE = DecoderRecipe(norm="gemma", attention="gemma2", activation="gelu_tanh", layout="gemma-layer")
+GEMMA3_RECIPE = DecoderRecipe(norm="gemma", qk_norm=True, attention="gemma3", activation="gelu_tanh",
+                              layout="gemma-layer")
