@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
 import torch
 
 from plexus import LLM, SamplingParams
@@ -78,3 +79,16 @@ def check_family(path, expected, prompt_ids, path_env: dict, schedule: dict, mon
                   for pos in range(1, len(ids))]
         assert max(errors) < PROMPT_LOGPROB_BOUND, max(errors)
     return llm
+
+
+def family_fixture(models: dict, common: dict):
+    """A module-scoped fixture over `models` (name -> (config class, HF model class, config)): each model built
+    with `common` settings, saved, and scored by HF: (path, prompts, hf_reference)."""
+    @pytest.fixture(scope="module", params=list(models))
+    def family(request, tmp_path_factory):
+        config_cls, model_cls, extra = models[request.param]
+        path = tmp_path_factory.mktemp(request.param)
+        hf = build(config_cls, model_cls, path, **common, **extra)
+        ids = prompts()
+        return path, ids, hf_reference(hf, ids)
+    return family

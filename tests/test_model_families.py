@@ -7,7 +7,7 @@ import pytest
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, \
     Qwen3ForCausalLM
 
-from family_parity import PATHS, SCHEDULES, build, check_family, hf_reference, prompts
+from family_parity import PATHS, SCHEDULES, build, check_family, family_fixture, hf_reference, prompts
 
 COMMON = dict(intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-6,
               initializer_range=0.1)
@@ -30,13 +30,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def family(request, tmp_path_factory):
-    config_cls, model_cls, extra = MODELS[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    hf = build(config_cls, model_cls, path, **COMMON, **extra)
-    ids = prompts()
-    return path, ids, hf_reference(hf, ids)
+family = family_fixture(MODELS, COMMON)
 
 
 @pytest.mark.parametrize("speed_path", list(PATHS))
