@@ -5,6 +5,8 @@ interleaved with full layers, Gemma 3's q/k norms and its RoPE base per layer ty
 checkpoint run as its text model."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM
@@ -58,9 +60,31 @@ def test_the_soft_caps_change_the_output(tmp_path):
     assert (a - b).abs().max() > 0.5
 
 
-def test_a_gemma3_multimodal_checkpoint_runs_as_its_text_model(tmp_path, monkeypatch):
+def _as_transformers5_module_names(path) -> None:
+    """Rewrite a saved multimodal checkpoint with the module names transformers 5 gives its tensors in memory
+    (model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*) instead of the original
+    export's (language_model.model.*, vision_tower.*, ...: what save_pretrained and google/gemma-3-*-it
+    write), and with a config.json naming no architectures, so its model_type must say what it is."""
+    from safetensors.torch import load_file, save_file
+
+    renames = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+               ("multi_modal_projector.", "model.multi_modal_projector."))
+    file = path / "model.safetensors"
+    tensors = {}
+    for name, tensor in load_file(file).items():
+        old, new = next(pair for pair in renames if name.startswith(pair[0]))
+        tensors[new + name[len(old):]] = tensor
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    del config["architectures"]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("layout", ["original-export", "transformers5-names-no-architectures"])
+def test_a_gemma3_multimodal_checkpoint_runs_as_its_text_model(layout, tmp_path, monkeypatch):
     """Gemma3ForConditionalGeneration (vision tower and projector included in the checkpoint): plexus reads
-    its text_config, takes the language model's tensors and equals HF's multimodal model on text input."""
+    its text_config, takes the language model's tensors under either naming and equals HF's multimodal model
+    on text input."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     text = Gemma3TextConfig(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +101,8 @@ def test_a_gemma3_multimodal_checkpoint_runs_as_its_text_model(tmp_path, monkeyp
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path)
+    if layout != "original-export":
+        _as_transformers5_module_names(tmp_path)
     ids = prompts(count=2)
     expected = hf_reference(hf, ids)
     check_family(tmp_path, expected, ids, {}, SCHEDULES["prefix-cache-chunked-16"], monkeypatch)

@@ -86,12 +86,14 @@ def quantization_method(hf_config) -> str | None:
 
 # Multimodal checkpoints plexus runs as their text model: architecture -> the text model's architecture.
 TEXT_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+# model_type -> the multimodal architecture of a config.json written without "architectures" (a bare Gemma3Config).
+MULTIMODAL_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration"}
 
 
 def text_model_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
     """The config the engine runs: a multimodal checkpoint's text_config (with the checkpoint's architecture
     mapped to the text model's, its dtype and quantization_config), any other config as it is."""
-    architecture = (getattr(config, "architectures", None) or [None])[0]
+    architecture = (getattr(config, "architectures", None) or [MULTIMODAL_MODEL_TYPES.get(config.model_type)])[0]
     if architecture not in TEXT_MODELS:
         return config
     text = config.text_config

@@ -9,8 +9,9 @@ full ones as config.layer_types says, each with its own window. Gemma 2 soft-cap
 and gives its local and global layers their own RoPE (rope_parameters keyed by layer type).
 
 A Gemma3ForConditionalGeneration checkpoint runs as its text model: the engine reads its text_config
-(plexus.models.registry.TEXT_MODELS), and the loader takes the language model's tensors under any of the
-prefixes transformers has written them with and leaves the vision tower and projector out."""
+(plexus.model_files.hf_config.text_model_config), and the loader takes the language model's tensors under
+either naming (the original export's language_model.model.*, which save_pretrained still writes, or the
+model.language_model.* of transformers 5's modules) and leaves the vision tower and projector out."""
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -4,8 +4,10 @@ Reading: single or sharded safetensors files in a Hugging Face directory (a GGUF
 one by plexus.model_files first). Placing (vLLM's AutoWeightsLoader idea): each tensor's name finds the
 LinearLayer it belongs to, through the model's packed_modules_mapping where the checkpoint's module (q_proj) is
 a shard of a fused layer (qkv_proj), and the parameter within it, whose name may have dots (bitsandbytes'
-"weight.absmax"); any other tensor is a plain parameter of the same name. A tensor with no place, of the wrong
-shape, or missing is an error naming it. Every LinearMethod then processes its layer's weights."""
+"weight.absmax"); any other tensor is a plain parameter of the same name, or else goes to the module on its
+path that places its own (`load_checkpoint_tensor`: the fused MoE experts, plexus.models.layers.moe). A
+tensor with no place, of the wrong shape, or missing is an error naming it. Every LinearMethod then processes
+its layer's weights."""
 from __future__ import annotations
 
 import json
@@ -43,6 +45,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                                  f"expected {tuple(params[name].shape)}")
             params[name].data.copy_(tensor)
             loaded.add(name)
+        elif (filled := _place_in_module(modules, name, tensor)) is not None:
+            loaded.update(filled)
         else:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
     linears = {prefix: m for prefix, m in modules.items() if isinstance(m, LinearLayer)}
@@ -69,6 +73,20 @@ def _linear_for(modules: dict[str, nn.Module], shard_of: dict[str, tuple[str, in
         if isinstance(module, LinearLayer):
             return module, ".".join(parts[end:]), shard
     return None, "", None
+
+
+def _place_in_module(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor) -> list[str] | None:
+    """A tensor the rules above do not place, offered to the deepest module on its path that places its own
+    (`load_checkpoint_tensor(name within it, tensor)`: the fused experts, which stack per-expert tensors): the
+    full names of the parameters it has now filled completely, or None where no module takes it."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        place = getattr(modules.get(prefix), "load_checkpoint_tensor", None)
+        if place is not None:
+            filled = place(".".join(parts[end:]), tensor)
+            return None if filled is None else [f"{prefix}.{p}" for p in filled]
+    return None
 
 
 def iterate_weights(model_dir) -> Iterator[tuple[str, torch.Tensor]]:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from plexus.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from plexus.models.llama import LlamaForCausalLM
+from plexus.models.mixtral import MixtralForCausalLM
+from plexus.models.phi3 import Phi3ForCausalLM
 from plexus.models.qwen2 import Qwen2ForCausalLM
 from plexus.models.qwen3 import Qwen3ForCausalLM
+from plexus.models.qwen3_moe import Qwen3MoeForCausalLM
 
 ARCHITECTURES = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,     # also the text model of Gemma3ForConditionalGeneration
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,   # Mistral's layers are Llama's, with its sliding window
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 # config.json's model_type -> the architecture a config without "architectures" runs as (one written from a
@@ -24,8 +30,11 @@ MODEL_TYPE_TO_ARCHITECTURE = {
     "gemma3_text": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 

@@ -145,8 +145,13 @@ class LinearLayer(nn.Module):
 
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int | None = None, source: str = "") -> None:
         """Copy checkpoint tensor `source` (this layer's parameter `name`, shard `shard` of a fused layer)
-        into its place, narrowed to this rank's part."""
+        into its place, narrowed to this rank's part. With no shard, a fused layer's tensor is the whole
+        layer as the checkpoint stores it fused (Phi-3's qkv_proj and gate_up_proj): each shard gets its part."""
         source = source or name
+        if shard is None and len(self.output_sizes) > 1:
+            for shard, part in enumerate(self._shard_parts(name, tensor, source)):
+                self.load_weight(name, part, shard, source)
+            return
         if self.method.load_weight(self, name, tensor, shard, source):
             self._loaded.add((name, shard))
             return
@@ -178,6 +183,34 @@ class LinearLayer(nn.Module):
             raise ValueError(f"checkpoint tensor {source!r} has dtype {tensor.dtype}, expected {dest.dtype}")
         dest.copy_(tensor.reshape(dest.shape))
         self._loaded.add((name, shard))
+
+    def _shard_parts(self, name: str, tensor: torch.Tensor, source: str) -> list[torch.Tensor]:
+        """A whole fused layer's tensor as the tensors its shards would have had apart: its rows of each shard
+        along the output dimension, or, where each shard has its own value (a per-tensor scale, an act-order
+        g_idx), the one the whole layer shares, for every shard."""
+        dims = self.dims.get(name)
+        if dims is None:
+            raise ValueError(f"checkpoint tensor {source!r} holds the whole fused layer (output shards "
+                             f"{self.output_sizes}), but this layer has no parameter {name!r} to split (its "
+                             f"parameters: {', '.join(self.dims) or 'none'}): {type(self.method).__name__} loads "
+                             "it only shard by shard, from separate tensors")
+        if dims.per_shard:
+            slot = list(getattr(self, name).shape[1:])     # one shard's, as a checkpoint of separate shards has it
+            if self.parallel == "row" and dims.input_dim is not None:
+                slot[dims.input_dim] *= self.tp_size
+            if tensor.numel() != 1 and list(tensor.shape) != slot:
+                raise ValueError(f"checkpoint tensor {source!r} of shape {tuple(tensor.shape)} holds the whole fused "
+                                 f"layer (output shards {self.output_sizes}), but {type(self.method).__name__} keeps "
+                                 f"{name!r} per shard, {tuple(slot)} each, and cannot split it")
+            return [tensor] * len(self.output_sizes)
+        if dims.output_dim is None:
+            return [tensor] * len(self.output_sizes)
+        sizes = [size // dims.pack_factor for size in self.output_sizes]
+        if tensor.dim() <= dims.output_dim or tensor.shape[dims.output_dim] != sum(sizes):
+            raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, expected {sum(sizes)} "
+                             f"along dimension {dims.output_dim} (the whole fused layer: output shards "
+                             f"{self.output_sizes})")
+        return list(tensor.split(sizes, dim=dims.output_dim))
 
     def mark_optional(self, name: str) -> None:
         """For LinearMethod.create_weights: a parameter a checkpoint may leave out (the method tells which

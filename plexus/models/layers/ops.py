@@ -104,3 +104,39 @@ class ModelOps:
         platform has no such fused step for the model's declared decode_recipe (plexus.models.layers.recipe:
         the model then runs layer by layer)."""
         return None
+
+    def fused_moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  top_k: int, renormalize: bool) -> torch.Tensor:
+        """Routed experts over x [T, H] (plexus.models.layers.moe), as HF's MoE blocks compute them: each token's
+        top_k experts by softmax(router_logits [T, E]) in fp32 (torch.topk, so ties pick what HF picks), their
+        weights renormalized to sum 1 where asked; each expert's down(silu(gate(x)) * up(x)) in the model dtype
+        (gate and up stacked in w13 [E, 2I, H], down in w2 [E, H, I]); the outputs times their weights summed
+        over the top_k in fp32 and rounded once. Grouped by expert: the token-expert pairs sorted by expert,
+        each expert runs once over its tokens (one with none runs not at all)."""
+        weights, ids = torch.topk(router_logits.float().softmax(dim=-1), top_k, dim=-1)  # [T, k]
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        num_tokens, num_experts = x.shape[0], w13.shape[0]
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # static shapes for a compiled or captured graph (no host sync): every expert over every token,
+            # weighted 0 where not chosen
+            dense = weights.new_zeros(num_tokens, num_experts).scatter(1, ids, weights)  # [T, E]
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for e in range(num_experts):
+                gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
+                out = out + F.linear(F.silu(gate) * up, w2[e]) * dense[:, e, None]
+            return out.to(x.dtype)
+        pair_experts = ids.flatten()  # [T * k]: pair p is token p // k's slot p % k
+        order = pair_experts.argsort(stable=True)
+        counts = torch.bincount(pair_experts, minlength=num_experts).tolist()
+        pair_x = x[order // top_k]  # [T * k, H], grouped by expert
+        pair_out = torch.empty_like(pair_x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(pair_x[start:start + n], w13[e]).chunk(2, dim=-1)
+                pair_out[start:start + n] = F.linear(F.silu(gate) * up, w2[e])
+                start += n
+        out = torch.empty_like(pair_out)
+        out[order] = pair_out  # back to pair order
+        return (out.view(num_tokens, top_k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)

@@ -39,6 +39,17 @@ LLAMA_RECIPE = DecoderRecipe()
 # Qwen3: Llama's layer with q and k normalized per head before the rotary embedding.
 QWEN3_RECIPE = DecoderRecipe(qk_norm=True)
 
+# Mixtral: Llama's layer with routed experts (plexus.models.layers.moe) in place of the dense MLP.
+MIXTRAL_RECIPE = DecoderRecipe(mlp="moe")
+
+# Qwen3-MoE: Qwen3's layer with routed experts in the layers its config makes sparse, a dense gated MLP in the
+# others (decoder_sparse_step, mlp_only_layers).
+QWEN3_MOE_RECIPE = DecoderRecipe(qk_norm=True, mlp="moe")
+
+# Phi-4-mini (Phi-3 configs with partial_rotary_factor < 1): Llama's layer whose rotary embedding turns only
+# the first rotary_dim dimensions of each q and k head (the cos/sin table's width); the rest pass through.
+PHI3_PARTIAL_ROPE_RECIPE = DecoderRecipe(position="partial-rope")
+
 # Gemma 2: (1 + w) RMSNorms before and after attention and the MLP, scaled embeddings, GeGLU, scores scaled by
 # query_pre_attn_scalar and soft-capped, interleaved sliding-window layers. Gemma 3: the same with q/k norms and
 # a RoPE base per layer type, no soft-capping. (No fused step runs them yet: they run layer by layer.)

@@ -4,10 +4,10 @@ position exactly as HF computes them per call. ModelOps.rope_and_cache applies t
 
 A table covers the rotary part of a head: all of it, or its first partial_rotary_factor (Phi-3, gpt-oss's
 full); models whose layers differ in RoPE (Gemma 3's local and global layers) keep one table per layer type,
-as their config's rope_parameters are keyed by it. LongRoPE (Phi-3.5/4) has a short and a long factor: a
-position below original_max_position_embeddings rotates with the short one, any later position with the long
-one (HF switches a whole forward to the long factor once it reaches past that length; per position is what a
-cache of keys rotated once can hold)."""
+as their config's rope_parameters are keyed by it. LongRoPE (Phi-3.5/4) has a short and a long factor; as in
+vLLM, one of them serves the whole context: the long one when the context (max_positions, the engine's
+max_model_len) reaches past original_max_position_embeddings, else the short one. HF picks per forward, the
+long factor once the sequence is longer than that: the same wherever a sequence stays on one side."""
 import torch
 from torch import nn
 
@@ -51,15 +51,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_positions: int, layer_type: str | None = None) -> None:
         super().__init__()
         with torch.device("cpu"):   # real tables even while the model is built on the meta device
-            inv_freq, scaling = _inv_freq(hf_config, head_dim, layer_type)
-            positions = torch.arange(max_positions)
-            emb = _table(inv_freq, positions)
             params = rope_parameters(hf_config, layer_type)
-            if params.get("rope_type") == "longrope":
-                original = int(params["original_max_position_embeddings"])
-                if max_positions > original:
-                    long_inv_freq, _ = _inv_freq(hf_config, head_dim, layer_type, seq_len=original + 1)
-                    emb[original:] = _table(long_inv_freq, positions[original:])
+            long_context = (params.get("rope_type") == "longrope"
+                            and max_positions > int(params["original_max_position_embeddings"]))
+            inv_freq, scaling = _inv_freq(hf_config, head_dim, layer_type,
+                                          seq_len=max_positions if long_context else None)
+            emb = _table(inv_freq, torch.arange(max_positions))
         # Plain attributes, not buffers: they stay fp32 whatever dtype the model is cast to (as in HF),
         # and survive the model being built on the meta device.
         self.cos = emb.cos() * scaling  # [max_positions, rotary_dim]

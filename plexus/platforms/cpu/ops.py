@@ -190,6 +190,14 @@ class CpuModelOps(ModelOps):
             weights += [attn.q_norm.weight, attn.k_norm.weight] if model.decode_recipe.qk_norm else [None, None]
         return weights, kernel_ids
 
+    def fused_moe(self, x, router_logits, w13, w2, top_k, renormalize):
+        """kernels/moe.cpp (each expert once over its tokens, threads over experts) for fp32 and bf16 weights in
+        the activations' dtype."""
+        if (_cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and w13.dtype == x.dtype
+                and w2.dtype == x.dtype and x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
+            return torch.ops.plexus.fused_moe(x, router_logits, w13, w2, top_k, renormalize)
+        return super().fused_moe(x, router_logits, w13, w2, top_k, renormalize)
+
 
 class CpuPagedAttention(TorchPagedAttention):
     """Decode groups through the C++ paged-attention kernel, which reads keys and values through the block

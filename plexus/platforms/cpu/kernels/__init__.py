@@ -24,7 +24,7 @@ logger = logging.getLogger("plexus")
 
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = [_DIR / name for name in ("ops.cpp", "linear.cpp", "quant_linear.cpp", "amx_linear.cpp", "elementwise.cpp",
-                                   "attention.cpp")]
+                                   "attention.cpp", "moe.cpp")]
 _HEADERS = [_DIR / "common.h"]
 
 
