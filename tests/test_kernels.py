@@ -98,23 +98,28 @@ def _cache(num_blocks, block_size, hkv, d, dtype, seed=2):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [32, 64, 24])     # 24: the scalar loop only
-def test_rope_and_cache(dtype, d):
+@pytest.mark.parametrize("d, r", [(32, 32), (64, 64), (24, 24), (64, 48), (128, 96), (32, 16)])
+def test_rope_and_cache(dtype, d, r):
+    """r < d: a partial rotary embedding (Phi-4-mini's 3/4), the first r dims of each head rotated, the rest
+    copied (HF's apply_rotary_pos_emb on q[..., :r]). 24 and 48: the scalar loop too."""
     hq, hkv, block_size = 6, 2, 4
     t = 7
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
     positions = torch.tensor([0, 1, 2, 9, 3, 4, 17])
     slots = torch.tensor([5, 6, 7, 8, 20, 21, 22])
-    freqs = torch.arange(32)[:, None] * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))[None, :]
+    freqs = torch.arange(32)[:, None] * (1.0 / 10000 ** (torch.arange(0, r, 2) / r))[None, :]
     cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
     cache = torch.zeros(2, 8, block_size, hkv, d, dtype=dtype)
     q = torch.ops.plexus.rope_and_cache(qkv, positions, cos, sin, cache, slots, hq, hkv, d)
 
     qr, kr, vr = qkv.float().split([hq * d, hkv * d, hkv * d], -1)
     c, s = cos[positions][:, None], sin[positions][:, None]
-    q_ref = qr.view(t, hq, d) * c + rotate_half(qr.view(t, hq, d)) * s
-    k_ref = kr.view(t, hkv, d) * c + rotate_half(kr.view(t, hkv, d)) * s
+
+    def rotated(x):
+        return torch.cat([x[..., :r] * c + rotate_half(x[..., :r]) * s, x[..., r:]], dim=-1)
+
+    q_ref, k_ref = rotated(qr.view(t, hq, d)), rotated(kr.view(t, hkv, d))
     _close(q, q_ref, dtype)
     _close(cache[0].view(-1, hkv, d)[slots], k_ref, dtype)
     assert torch.equal(cache[1].view(-1, hkv, d)[slots], vr.view(t, hkv, d).to(dtype))

@@ -14,15 +14,17 @@ from plexus.core import sampler
 from plexus.models.layers.attention import TorchPagedAttention, _DecodeGroup
 from plexus.models.layers.linear import UNQUANTIZED
 from plexus.models.layers.ops import ModelOps
-from plexus.models.layers.recipe import LLAMA_RECIPE, QWEN3_RECIPE
+from plexus.models.layers.recipe import LLAMA_RECIPE, PHI3_PARTIAL_ROPE_RECIPE, QWEN3_RECIPE
 from plexus.platforms.cpu import kernels
 from plexus.platforms.cpu.kernels import Kernel
 
 # What llama_decode_layers computes (kernels/ops.cpp): RMSNorm pre-norms, fused q/k/v (with or without per-head
-# q/k RMSNorms) with rotate-half rotary, causal GQA over every position or each layer's window, a dense
-# SiLU-gated MLP. Any other model runs layer by layer, through the same kernels per op.
+# q/k RMSNorms) with rotate-half rotary over all of each head or its first part (the table's width), causal GQA
+# over every position or each layer's window, a dense SiLU-gated MLP. Any other model runs layer by layer,
+# through the same kernels per op.
 FUSED_DECODE_RECIPES = frozenset(dataclasses.replace(recipe, attention=attention)
-                                 for recipe in (LLAMA_RECIPE, QWEN3_RECIPE) for attention in ("causal", "sliding"))
+                                 for recipe in (LLAMA_RECIPE, QWEN3_RECIPE, PHI3_PARTIAL_ROPE_RECIPE)
+                                 for attention in ("causal", "sliding"))
 
 
 def _cpu(t: torch.Tensor) -> bool:
@@ -122,7 +124,7 @@ class CpuModelOps(ModelOps):
         return super().silu_and_mul(x)
 
     def rope_and_cache(self, qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
-        if _cpu(qkv) and qkv.dtype == kv_cache.dtype and kv_cache.is_contiguous() and cos.shape[-1] == head_dim:
+        if _cpu(qkv) and qkv.dtype == kv_cache.dtype and kv_cache.is_contiguous():
             return torch.ops.plexus.rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping,
                                                    num_heads, num_kv_heads, head_dim)
         return super().rope_and_cache(qkv, positions, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads,

@@ -142,7 +142,9 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& positions, co
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_and_cache: qkv must be [T, (Hq + 2 Hkv) * D]");
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.scalar_type() == qkv.scalar_type(), "rope_and_cache: cache");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(), "rope tables fp32");
-  const int64_t T = qkv.size(0), D = head_dim, ld = qkv.stride(0);
+  // R: the rotated dims of each head (the tables' width; R < D: a partial rotary embedding, the rest copied)
+  const int64_t T = qkv.size(0), D = head_dim, ld = qkv.stride(0), R = cos.size(1);
+  TORCH_CHECK(R <= D && R % 2 == 0 && sin.size(1) == R, "rope_and_cache: tables of an even width up to head_dim");
   at::Tensor q = at::empty({T, num_heads, D}, qkv.options());
   at::Tensor pos = positions.to(at::kLong).contiguous();
   at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
@@ -156,15 +158,19 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& positions, co
     const int64_t* sp = slots.data_ptr<int64_t>();
     const float* cp = cos.data_ptr<float>();
     const float* snp = sin.data_ptr<float>();
+    auto rope_head = [&](const scalar_t* in, scalar_t* out, const float* c, const float* s) {
+      rope_row(in, out, c, s, R);
+      if (R < D) std::memcpy(out + R, in + R, (D - R) * sizeof(scalar_t));
+    };
     at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* row = src + t * ld;
-        const float* c = cp + pp[t] * D;
-        const float* s = snp + pp[t] * D;
-        for (int64_t h = 0; h < num_heads; ++h) rope_row(row + h * D, qp + (t * num_heads + h) * D, c, s, D);
+        const float* c = cp + pp[t] * R;
+        const float* s = snp + pp[t] * R;
+        for (int64_t h = 0; h < num_heads; ++h) rope_head(row + h * D, qp + (t * num_heads + h) * D, c, s);
         const int64_t slot = sp[t];
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          rope_row(row + (num_heads + h) * D, kc + (slot * num_kv_heads + h) * D, c, s, D);
+          rope_head(row + (num_heads + h) * D, kc + (slot * num_kv_heads + h) * D, c, s);
           std::memcpy(vc + (slot * num_kv_heads + h) * D, row + (num_heads + num_kv_heads + h) * D,
                       D * sizeof(scalar_t));
         }
