@@ -96,7 +96,8 @@ def _build_hf(name: str, out: str) -> None:
     import transformers
 
     cls_name, config = MODELS[name]
-    cfg = getattr(transformers, cls_name)(**config)
+    # token ids of the byte tokenizer: HF's generate needs an eos and a pad id (EOS is ignored: min_new_tokens)
+    cfg = getattr(transformers, cls_name)(**config, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(SEED)
     with torch.device("cpu"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
