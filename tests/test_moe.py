@@ -1,8 +1,11 @@
 """Routed experts (plexus.models.layers.moe) and the MoE families, Mixtral and Qwen3-MoE.
 
 The CPU kernel (torch.ops.plexus.fused_moe) and the pure-torch ModelOps.fused_moe are each held to the
-per-expert loop written out here (HF's routing: softmax in fp32, torch.topk, renormalized where asked), with
-tied router logits and experts that get no tokens, and to HF's own MoE blocks; the families are held to HF
+per-expert loop written out here (HF's routing: softmax in fp32, torch.topk, renormalized where asked; or
+gpt-oss's top-k of the logits, then their softmax), with tied router logits and experts that get no tokens,
+with and without expert biases and gpt-oss's clamped SwiGLU, and to HF's own MoE blocks (gpt-oss's router bit
+for bit, and its block through FusedMoE loading transformers' interleaved, transposed layout); the families
+(gpt-oss's in tests/test_gpt_oss.py) are held to HF
 token for token on every speed path and schedule (tests/family_parity.py), from the checkpoint layouts plexus
 reads: the hub's per expert (as save_pretrained writes it, and as written here by hand) and transformers'
 stacked one."""
@@ -15,13 +18,16 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import GptOssConfig, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP, GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from family_parity import PATHS, SCHEDULES, build, check_family, hf_reference, prompts
 from plexus.envs import cache_dir
-from plexus.models.layers.ops import ModelOps
+from plexus.models.layers.linear import LinearBuilder
+from plexus.models.layers.moe import FusedMoE
+from plexus.models.layers.ops import ModelOps, select_experts
 from plexus.platforms.cpu import kernels
 
 kernels.load(cache_dir())
@@ -38,19 +44,36 @@ FP32_BOUND = 1e-5
 TIED_LOGITS = [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5]]
 
 
-def experts_loop(x, router_logits, w13, w2, top_k, renormalize):
-    """HF's MoE block written out: route each token, then for each expert the tokens that picked it (an expert
-    none picked is skipped), down(silu(gate) * up) in the model dtype, weighted and summed in fp32."""
-    weights, ids = torch.topk(torch.softmax(router_logits.float(), dim=-1), top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+def experts_loop(x, router_logits, w13, w2, top_k, renormalize, b13=None, b2=None, activation="silu",
+                 alpha=1.702, limit=7.0, routing="softmax_topk"):
+    """HF's MoE blocks written out: route each token (Mixtral's and Qwen3-MoE's softmax, then top-k; gpt-oss's
+    top-k of the logits, then their softmax), then for each expert the tokens that picked it (an expert none
+    picked is skipped), down(act(gate, up)) plus the biases where given, in the model dtype, weighted and
+    summed in fp32; act: silu(gate) * up, or gpt-oss's clamped SwiGLU."""
+    if routing == "topk_softmax":
+        top_logits, ids = torch.topk(router_logits, top_k, dim=-1)
+        weights = torch.softmax(top_logits.float(), dim=-1)
+    else:
+        weights, ids = torch.topk(torch.softmax(router_logits.float(), dim=-1), top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
     inter = w2.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float32)
     for e in range(w13.shape[0]):
         tokens, slots = torch.where(ids == e)
         if len(tokens):
             h = x[tokens]
-            y = F.linear(F.silu(F.linear(h, w13[e, :inter])) * F.linear(h, w13[e, inter:]), w2[e])
+            gate, up = F.linear(h, w13[e, :inter]), F.linear(h, w13[e, inter:])
+            if b13 is not None:
+                gate, up = gate + b13[e, :inter], up + b13[e, inter:]
+            if activation == "swigluoai":
+                gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+                act = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+            else:
+                act = F.silu(gate) * up
+            y = F.linear(act, w2[e])
+            if b2 is not None:
+                y = y + b2[e]
             out.index_add_(0, tokens, y.float() * weights[tokens, slots, None])
     return out.to(x.dtype)
 
@@ -65,6 +88,20 @@ def moe_inputs(tokens, num_experts, dtype, seed, hidden=96, inter=80, tied=False
         ties = torch.tensor(TIED_LOGITS).repeat(1, num_experts // 4)
         logits[:len(ties)] = ties[:tokens]
     return x, logits.to(dtype), w13, w2
+
+
+def expert_biases(num_experts, dtype, seed, hidden=96, inter=80):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(num_experts, 2 * inter, generator=g) * 0.5).to(dtype),
+            (torch.randn(num_experts, hidden, generator=g) * 0.1).to(dtype))
+
+
+# gpt-oss's alpha, and a limit the gate and up projections of moe_inputs' weights (about unit scale) cross often.
+# With biases and either activation the bounds above hold with room: measured worst 0.26 of BF16_BOUND (kernel,
+# bf16) and 0.03 of FP32_BOUND over these shapes.
+SWIGLU = dict(alpha=1.702, limit=1.0)
+# (activation, routing): gpt-oss's own, and each changed alone
+ACTIVATION_ROUTING = [("swigluoai", "topk_softmax"), ("silu", "topk_softmax"), ("swigluoai", "softmax_topk")]
 
 
 def assert_close_to(got, expected, bound):
@@ -101,6 +138,132 @@ def test_torch_ops_equal_the_experts_loop(dtype, tokens, num_experts, top_k):
     got = ModelOps().fused_moe(x, logits, w13, w2, top_k, True)
     assert_close_to(got, experts_loop(x, logits, w13, w2, top_k, True), FP32_BOUND if dtype == torch.float32
                     else BF16_BOUND)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("tokens,num_experts,top_k", CASES)
+@pytest.mark.parametrize("activation,routing", ACTIVATION_ROUTING)
+def test_kernel_with_biases_and_swigluoai_equals_the_experts_loop(dtype, threads, tokens, num_experts, top_k,
+                                                                  activation, routing):
+    """inter 88: the kernel's vector loop over the activation (16 lanes) and its scalar tail."""
+    x, logits, w13, w2 = moe_inputs(tokens, num_experts, dtype, seed=tokens + num_experts, inter=88, tied=True)
+    b13, b2 = expert_biases(num_experts, dtype, seed=tokens, inter=88)
+    gate_up = torch.einsum("th,eih->tei", x.float(), w13.float()) + b13.float()
+    assert (gate_up > SWIGLU["limit"]).any() and (gate_up < -SWIGLU["limit"]).any()    # the clamp bites
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.plexus.fused_moe(x, logits, w13, w2, top_k, True, b13, b2, activation, SWIGLU["alpha"],
+                                         SWIGLU["limit"], routing)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == dtype and got.shape == x.shape
+    expected = experts_loop(x, logits, w13, w2, top_k, True, b13, b2, activation, routing=routing, **SWIGLU)
+    assert_close_to(got, expected, FP32_BOUND if dtype == torch.float32 else BF16_BOUND)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,num_experts,top_k", CASES)
+@pytest.mark.parametrize("activation,routing", ACTIVATION_ROUTING)
+def test_torch_ops_with_biases_and_swigluoai_equal_the_experts_loop(dtype, tokens, num_experts, top_k, activation,
+                                                                    routing):
+    x, logits, w13, w2 = moe_inputs(tokens, num_experts, dtype, seed=tokens * num_experts, tied=True)
+    b13, b2 = expert_biases(num_experts, dtype, seed=tokens)
+    got = ModelOps().fused_moe(x, logits, w13, w2, top_k, False, b13, b2, activation, routing=routing, **SWIGLU)
+    expected = experts_loop(x, logits, w13, w2, top_k, False, b13, b2, activation, routing=routing, **SWIGLU)
+    assert_close_to(got, expected, FP32_BOUND if dtype == torch.float32 else BF16_BOUND)
+
+
+def test_the_biases_the_clamp_and_the_routing_order_each_change_the_loop():
+    """So the equalities above could fail: the loop's output moves with each new argument."""
+    x, logits, w13, w2 = moe_inputs(17, 8, torch.float32, seed=5)
+    b13, b2 = expert_biases(8, torch.float32, seed=5)
+    base = experts_loop(x, logits, w13, w2, 2, False, b13, b2, "swigluoai", routing="topk_softmax", **SWIGLU)
+    for changed in (experts_loop(x, logits, w13, w2, 2, False, None, b2, "swigluoai", routing="topk_softmax",
+                                 **SWIGLU),
+                    experts_loop(x, logits, w13, w2, 2, False, b13, None, "swigluoai", routing="topk_softmax",
+                                 **SWIGLU),
+                    experts_loop(x, logits, w13, w2, 2, False, b13, b2, "swigluoai", routing="topk_softmax",
+                                 alpha=1.702, limit=7.0),
+                    experts_loop(x, logits, w13, w2, 2, False, b13, b2, "swigluoai", routing="softmax_topk",
+                                 **SWIGLU)):
+        assert (changed - base).abs().max() > 1e-3 * base.abs().max()
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(4, 2), (8, 4), (32, 4)])
+def test_gpt_oss_routing_is_hf_routers_bit_for_bit(num_experts, top_k):
+    """gpt-oss's router (top-k of the logits, softmax of those) as plexus routes it: select_experts, and the
+    kernel and the torch ops read through experts that each output one basis vector (zero weights, down bias
+    e_e), so out[:, e] is token's weight for expert e, exactly. The other order (softmax over all, top-k,
+    renormalized) picks the same experts but differs from HF in the last bit on some rows."""
+    torch.manual_seed(num_experts)
+    router = GptOssTopKRouter(GptOssConfig(hidden_size=64, num_local_experts=num_experts, num_experts_per_tok=top_k))
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.bias.normal_(0, 0.5)
+        x = torch.randn(300, 64)
+        logits, scores, ids = router(x)
+    expected = torch.zeros(300, num_experts).scatter(1, ids, scores)      # [T, E]: each token's expert weights
+    weights, chosen = select_experts(logits, top_k, True, "topk_softmax")
+    assert torch.equal(chosen, ids) and torch.equal(weights, scores)
+    other, other_ids = select_experts(logits, top_k, True, "softmax_topk")
+    assert torch.equal(other_ids, ids) and not torch.equal(other, scores)
+    w13, w2 = torch.zeros(num_experts, 2 * 32, 64), torch.zeros(num_experts, 64, 32)
+    b13, b2 = torch.zeros(num_experts, 2 * 32), torch.eye(num_experts, 64)
+    for ops in (ModelOps(), CpuModelOps()):
+        out = ops.fused_moe(x, logits, w13, w2, top_k, True, b13, b2, "swigluoai", routing="topk_softmax")
+        assert torch.equal(out[:, :num_experts], expected)
+
+
+@pytest.mark.parametrize("ops_class", [ModelOps, CpuModelOps])
+def test_fused_moe_equals_hf_gpt_oss_block_from_its_stacked_layout(ops_class):
+    """HF's gpt-oss MLP (its router, and its experts: [E, H, 2I] with gate and up interleaved, [E, I, H], random
+    biases, a limit that clamps) loaded into FusedMoE by transformers' own names. H = 2I makes the gate/up
+    tensor square, so only the declared layout (transposed, interleaved) reads it right."""
+    torch.manual_seed(0)
+    config = GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                          swiglu_limit=1.0)
+    block = GptOssMLP(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        expected = block(x)[0][0]
+    moe = FusedMoE(64, 32, 8, 2, renormalize=True, linear=LinearBuilder(ops_class(), None, {}), prefix="mlp",
+                   hidden_act="swigluoai", router_bias=True, expert_bias=True, routing="topk_softmax",
+                   swiglu_limit=1.0, gate_up_interleaved=True, stacked_transposed=True)
+    filled = []
+    for name, tensor in block.state_dict().items():
+        if name.startswith("router."):
+            moe.gate.load_weight(name.removeprefix("router."), tensor)
+        else:
+            filled += moe.load_checkpoint_tensor(name, tensor)
+    assert sorted(filled) == ["b13", "b2", "w13", "w2"] and not moe.gate.missing_weights()
+    with torch.no_grad():
+        assert_close_to(moe(x[0]), expected, FP32_BOUND)
+
+
+def test_kernel_with_biases_traces_under_torch_compile():
+    x, logits, w13, w2 = moe_inputs(5, 8, torch.float32, seed=6)
+    b13, b2 = expert_biases(8, torch.float32, seed=6)
+    ops = CpuModelOps()
+    compiled = torch.compile(lambda x, logits: ops.fused_moe(x, logits, w13, w2, 2, True, b13, b2, "swigluoai",
+                                                             routing="topk_softmax", **SWIGLU),
+                             fullgraph=True, dynamic=False)
+    assert_close_to(compiled(x, logits), experts_loop(x, logits, w13, w2, 2, True, b13, b2, "swigluoai",
+                                                      routing="topk_softmax", **SWIGLU), FP32_BOUND)
+
+
+def test_torch_ops_with_biases_under_compile_run_every_expert_with_static_shapes(monkeypatch):
+    x, logits, w13, w2 = moe_inputs(5, 8, torch.float32, seed=7, tied=True)
+    b13, b2 = expert_biases(8, torch.float32, seed=7)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert_close_to(ModelOps().fused_moe(x, logits, w13, w2, 2, False, b13, b2, "swigluoai", routing="topk_softmax",
+                                         **SWIGLU),
+                    experts_loop(x, logits, w13, w2, 2, False, b13, b2, "swigluoai", routing="topk_softmax",
+                                 **SWIGLU), FP32_BOUND)
 
 
 def test_torch_ops_under_compile_run_every_expert_with_static_shapes(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from plexus.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from plexus.models.gpt_oss import GptOssForCausalLM
 from plexus.models.llama import LlamaForCausalLM
 from plexus.models.mixtral import MixtralForCausalLM
 from plexus.models.phi3 import Phi3ForCausalLM
@@ -20,6 +21,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 # config.json's model_type -> the architecture a config without "architectures" runs as (one written from a
@@ -35,6 +37,7 @@ MODEL_TYPE_TO_ARCHITECTURE = {
     "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 

@@ -106,25 +106,41 @@ class ModelOps:
         return None
 
     def fused_moe(self, x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  top_k: int, renormalize: bool) -> torch.Tensor:
+                  top_k: int, renormalize: bool, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                  activation: str = "silu", alpha: float = 1.702, limit: float = 7.0,
+                  routing: str = "softmax_topk") -> torch.Tensor:
         """Routed experts over x [T, H] (plexus.models.layers.moe), as HF's MoE blocks compute them: each token's
-        top_k experts by softmax(router_logits [T, E]) in fp32 (torch.topk, so ties pick what HF picks), their
-        weights renormalized to sum 1 where asked; each expert's down(silu(gate(x)) * up(x)) in the model dtype
-        (gate and up stacked in w13 [E, 2I, H], down in w2 [E, H, I]); the outputs times their weights summed
-        over the top_k in fp32 and rounded once. Grouped by expert: the token-expert pairs sorted by expert,
-        each expert runs once over its tokens (one with none runs not at all)."""
-        weights, ids = torch.topk(router_logits.float().softmax(dim=-1), top_k, dim=-1)  # [T, k]
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        top_k experts by select_experts (routing "softmax_topk" or "topk_softmax", weights in fp32); each
+        expert's down(act(gate(x), up(x))) in the model dtype (gate and up stacked in w13 [E, 2I, H], down in
+        w2 [E, H, I]; their biases, where given, b13 [E, 2I] and b2 [E, H], each added after its matmul as HF
+        adds it); act "silu": silu(gate) * up, or "swigluoai": gpt-oss's clamped SwiGLU (swigluoai_and_mul, with
+        alpha and limit); the outputs times their weights summed over the top_k in fp32 and rounded once.
+        Grouped by expert: the token-expert pairs sorted by expert, each expert runs once over its tokens (one
+        with none runs not at all)."""
+        if activation not in ("silu", "swigluoai"):
+            raise ValueError(f"fused_moe: activation must be 'silu' or 'swigluoai', got {activation!r}")
+        weights, ids = select_experts(router_logits, top_k, renormalize, routing)  # [T, k]
         num_tokens, num_experts = x.shape[0], w13.shape[0]
+
+        def expert(h: torch.Tensor, e: int) -> torch.Tensor:
+            gate_up = F.linear(h, w13[e])  # [n, 2I]
+            if b13 is not None:
+                gate_up = gate_up + b13[e]
+            if activation == "swigluoai":
+                act = swigluoai_and_mul(gate_up, alpha, limit)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            y = F.linear(act, w2[e])  # [n, H]
+            return y if b2 is None else y + b2[e]
+
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             # static shapes for a compiled or captured graph (no host sync): every expert over every token,
             # weighted 0 where not chosen
             dense = weights.new_zeros(num_tokens, num_experts).scatter(1, ids, weights)  # [T, E]
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
             for e in range(num_experts):
-                gate, up = F.linear(x, w13[e]).chunk(2, dim=-1)
-                out = out + F.linear(F.silu(gate) * up, w2[e]) * dense[:, e, None]
+                out = out + expert(x, e) * dense[:, e, None]
             return out.to(x.dtype)
         pair_experts = ids.flatten()  # [T * k]: pair p is token p // k's slot p % k
         order = pair_experts.argsort(stable=True)
@@ -134,9 +150,36 @@ class ModelOps:
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = F.linear(pair_x[start:start + n], w13[e]).chunk(2, dim=-1)
-                pair_out[start:start + n] = F.linear(F.silu(gate) * up, w2[e])
+                pair_out[start:start + n] = expert(pair_x[start:start + n], e)
                 start += n
         out = torch.empty_like(pair_out)
         out[order] = pair_out  # back to pair order
         return (out.view(num_tokens, top_k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, routing: str = "softmax_topk"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top_k experts (torch.topk, so ties pick what HF picks) and their weights in fp32, from
+    router_logits [T, E], in one of HF's two orders: "softmax_topk" (Mixtral, Qwen3-MoE): the top_k of the
+    softmax over every expert, renormalized to sum 1 where asked; "topk_softmax" (gpt-oss): the softmax of the
+    top_k logits alone (summing to 1 already; renormalize changes nothing). The two weigh the same experts
+    equally up to rounding, but only the model's own order gives HF's bits. -> (weights, ids), each [T, k]."""
+    if routing == "topk_softmax":
+        logits, ids = torch.topk(router_logits, top_k, dim=-1)
+        return logits.float().softmax(dim=-1), ids
+    if routing != "softmax_topk":
+        raise ValueError(f"routing must be 'softmax_topk' or 'topk_softmax', got {routing!r}")
+    weights, ids = torch.topk(router_logits.float().softmax(dim=-1), top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def swigluoai_and_mul(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU of [T, 2I] rows (gate, then up) -> [T, I]: gate clamped above at limit, up to
+    [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate), op by op in the input's dtype as HF's experts
+    compute it."""
+    gate, up = x.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))

@@ -56,3 +56,8 @@ PHI3_PARTIAL_ROPE_RECIPE = DecoderRecipe(position="partial-rope")
 GEMMA2_RECIPE = DecoderRecipe(norm="gemma", attention="gemma2", activation="gelu_tanh", layout="gemma-layer")
 GEMMA3_RECIPE = DecoderRecipe(norm="gemma", qk_norm=True, attention="gemma3", activation="gelu_tanh",
                               layout="gemma-layer")
+
+# gpt-oss: Llama's norms and YaRN rotary (one table), attention with a learned sink logit per head on every layer
+# and sliding windows on alternate ones, routed experts with biases and the clamped SwiGLU ("swigluoai"), their
+# router ranking the logits before its softmax. (No fused step runs it yet: it runs layer by layer.)
+GPT_OSS_RECIPE = DecoderRecipe(attention="sinks", mlp="moe", activation="swigluoai")

@@ -23,6 +23,7 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "compressed-tensors": "plexus.models.quantization.compressed_tensors:CompressedTensorsConfig",
     "bitsandbytes": "plexus.models.quantization.bitsandbytes:BitsAndBytesConfig",
     "gguf": "plexus.models.quantization.gguf:GGUFConfig",
+    "mxfp4": "plexus.models.quantization.mxfp4:Mxfp4Config",
 }
 
 

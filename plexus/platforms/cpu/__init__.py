@@ -18,7 +18,7 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     supported_quantizations = ("neuron_quant", "int8", "w8a8", "fp8", "awq", "gptq", "compressed-tensors",
-                               "bitsandbytes", "gguf")
+                               "bitsandbytes", "gguf", "mxfp4")
     supports_lora = True
     auto_priority = 0
 

@@ -192,13 +192,15 @@ class CpuModelOps(ModelOps):
             weights += [attn.q_norm.weight, attn.k_norm.weight] if model.decode_recipe.qk_norm else [None, None]
         return weights, kernel_ids
 
-    def fused_moe(self, x, router_logits, w13, w2, top_k, renormalize):
-        """kernels/moe.cpp (each expert once over its tokens, threads over experts) for fp32 and bf16 weights in
-        the activations' dtype."""
-        if (_cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and w13.dtype == x.dtype
-                and w2.dtype == x.dtype and x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()):
-            return torch.ops.plexus.fused_moe(x, router_logits, w13, w2, top_k, renormalize)
-        return super().fused_moe(x, router_logits, w13, w2, top_k, renormalize)
+    def fused_moe(self, x, router_logits, w13, w2, top_k, renormalize, b13=None, b2=None, activation="silu",
+                  alpha=1.702, limit=7.0, routing="softmax_topk"):
+        """kernels/moe.cpp (each expert once over its tokens, threads over experts) for fp32 and bf16 weights (and
+        biases) in the activations' dtype."""
+        args = (b13, b2, activation, alpha, limit, routing)
+        if (_cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+                and all(t.dtype == x.dtype and t.is_contiguous() for t in (w13, w2, b13, b2) if t is not None)):
+            return torch.ops.plexus.fused_moe(x, router_logits, w13, w2, top_k, renormalize, *args)
+        return super().fused_moe(x, router_logits, w13, w2, top_k, renormalize, *args)
 
 
 class CpuPagedAttention(TorchPagedAttention):

@@ -23,7 +23,8 @@ class CudaPlatform(Platform):
     # Methods whose layers run on CUDA tensors: int8 / w8a8 through torch._int_mm, AWQ / GPTQ / compressed-
     # tensors' 4-bit weights through torch's int4 tinygemm (bf16) or dequantize + matmul, fp8 and GGUF through
     # dequantize + matmul. bitsandbytes' layers are built for its CPU layout here.
-    supported_quantizations = ("neuron_quant", "int8", "w8a8", "fp8", "awq", "gptq", "compressed-tensors", "gguf")
+    supported_quantizations = ("neuron_quant", "int8", "w8a8", "fp8", "awq", "gptq", "compressed-tensors", "gguf",
+                               "mxfp4")
     supports_lora = True
     auto_priority = 50          # under neuron (100), over cpu (0)
     worker_cls = "plexus.platforms.cuda.worker.CudaWorker"

@@ -1,13 +1,18 @@
 // Routed experts (a mixture-of-experts MLP) for the CPU platform: torch.ops.plexus.fused_moe, the kernel of
 // CpuModelOps.fused_moe, computing what ModelOps.fused_moe (plexus/models/layers/ops.py) computes in torch.
 //
-// Routing as HF's: softmax of the router logits in fp32, at::topk (the op torch.topk runs, so ties pick the
-// same experts), the weights renormalized where asked. Then the step's token-expert pairs are grouped by
-// expert (a counting sort) and each expert with tokens runs once over them: gate/up (the bf16 GEMV of
-// linear.cpp for few rows, at::linear otherwise), silu(gate) * up (elementwise.cpp), down, each output
-// rounded to the model dtype as HF's are. An expert with no tokens is never read, so a batch-1 step streams
-// only its top_k experts' weights. Last, per token, the top_k outputs times their weights are summed in
-// fp32 (in top-k order, as HF's grouped experts sum them) and rounded once.
+// Routing as HF's, in one of two orders (at::topk being the op torch.topk runs, so ties pick the same
+// experts): "softmax_topk" (Mixtral, Qwen3-MoE): softmax of the router logits in fp32, the top_k of it, the
+// weights renormalized where asked; "topk_softmax" (gpt-oss): the top_k of the logits, then the softmax of
+// those k in fp32 (summing to 1 already). Then the step's token-expert pairs are grouped by expert (a counting
+// sort) and each expert with tokens runs once over them: gate/up (the bf16 GEMV of linear.cpp for few rows,
+// at::linear otherwise) plus its bias where it has one, the activation, down plus its bias, each output
+// rounded to the model dtype as HF's are (a bias added after the matmul's rounding, as HF adds it). The
+// activation is "silu": silu(gate) * up (elementwise.cpp), or "swigluoai" (gpt-oss's clamped SwiGLU):
+// gate clamped above at limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate), rounded to the
+// model dtype after each op as HF's torch ops round. An expert with no tokens is never read, so a batch-1
+// step streams only its top_k experts' weights. Last, per token, the top_k outputs times their weights are
+// summed in fp32 (in top-k order, as HF's grouped experts sum them) and rounded once.
 //
 // Threads: where the step has at least as many active experts as threads, the experts are shared out among
 // them (largest first, each thread taking the next), each expert's matmuls on one thread; otherwise the
@@ -26,10 +31,61 @@ namespace {
 // (FAST_LINEAR_MAX_ROWS_UNPACKED in plexus/platforms/cpu/kernels/__init__.py).
 constexpr int64_t kGemvMaxRows = 16;
 
-at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& w) {
-  if (x.scalar_type() == at::kBFloat16 && x.size(0) <= kGemvMaxRows && has_fast_linear())
-    return linear_bf16(x, w, c10::nullopt, false);
-  return at::linear(x, w);
+at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  at::Tensor y = x.scalar_type() == at::kBFloat16 && x.size(0) <= kGemvMaxRows && has_fast_linear()
+                     ? linear_bf16(x, w, c10::nullopt, false)
+                     : at::linear(x, w);
+  if (bias.has_value()) y.add_(*bias);  // [N] over each row, rounded to the model dtype
+  return y;
+}
+
+// Expert e's bias, where there are biases.
+c10::optional<at::Tensor> row_of(const c10::optional<at::Tensor>& biases, int64_t e) {
+  return biases.has_value() ? c10::optional<at::Tensor>((*biases)[e]) : c10::nullopt;
+}
+
+// The model dtype's rounding of an fp32 value (none for fp32): what HF's torch ops do between two ops.
+template <typename T> inline float rounded(float v) { return to_f(from_f<T>(v)); }
+
+// swigluoai over [n, 2I] rows (gate then up) -> [n, I], as HF's gpt-oss experts compute it op by op.
+template <typename T>
+void swigluoai_rows(const T* x, T* out, int64_t n, int64_t I, float alpha, float limit) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gate = x + r * 2 * I;
+      const T* up = gate + I;
+      int64_t i = 0;
+#if defined(__AVX512BF16__)
+      const __m512 va = _mm512_set1_ps(alpha), vhi = _mm512_set1_ps(limit), vlo = _mm512_set1_ps(-limit);
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= I; i += 16) {
+        // min/max return their second operand where either is NaN: the value goes second, so NaN stays NaN
+        const __m512 g = _mm512_min_ps(vhi, load16(gate + i));
+        const __m512 u = _mm512_min_ps(vhi, _mm512_max_ps(vlo, load16(up + i)));
+        const __m512 ga = round_to<T>(_mm512_mul_ps(g, va));
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), ga));
+        const __m512 sig = round_to<T>(_mm512_div_ps(one, _mm512_add_ps(one, e)));
+        store16(out + r * I + i, _mm512_mul_ps(round_to<T>(_mm512_add_ps(u, one)), round_to<T>(_mm512_mul_ps(g, sig))));
+      }
+#endif
+      for (; i < I; ++i) {
+        const float g = std::min(to_f(gate[i]), limit);               // clamp(max=limit), NaN kept
+        const float u = std::min(std::max(to_f(up[i]), -limit), limit);
+        const float sig = rounded<T>(1.f / (1.f + std::exp(-rounded<T>(g * alpha))));
+        out[r * I + i] = from_f<T>(rounded<T>(u + 1.f) * rounded<T>(g * sig));
+      }
+    }
+  });
+}
+
+at::Tensor swigluoai_and_mul(const at::Tensor& x, double alpha, double limit) {
+  const int64_t n = x.size(0), I = x.size(1) / 2;
+  at::Tensor out = at::empty({n, I}, x.options());
+  PLEXUS_DISPATCH(x.scalar_type(), "swigluoai_and_mul", [&] {
+    swigluoai_rows(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, I, static_cast<float>(alpha),
+                   static_cast<float>(limit));
+  });
+  return out;
 }
 
 // out[t] = sum over s < k of pair_out[t * k + s] * weights[t, s], in fp32, rounded to T.
@@ -52,7 +108,9 @@ void weighted_sum(const T* pair_out, const float* weights, T* out, int64_t token
 }  // namespace
 
 at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& w13,
-                     const at::Tensor& w2, int64_t top_k, bool renormalize) {
+                     const at::Tensor& w2, int64_t top_k, bool renormalize, const c10::optional<at::Tensor>& b13,
+                     const c10::optional<at::Tensor>& b2, c10::string_view activation, double alpha, double limit,
+                     c10::string_view routing) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fused_moe: x must be contiguous [T, H]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "fused_moe: fp32 or bf16");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
@@ -65,12 +123,28 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const
   TORCH_CHECK(router_logits.dim() == 2 && router_logits.size(0) == T && router_logits.size(1) == E,
               "fused_moe: router_logits must be [T, E]");
   TORCH_CHECK(top_k >= 1 && top_k <= E, "fused_moe: top_k must be in [1, E]");
+  TORCH_CHECK(!b13.has_value() || (b13->is_contiguous() && b13->scalar_type() == x.scalar_type() &&
+                                   b13->dim() == 2 && b13->size(0) == E && b13->size(1) == 2 * I),
+              "fused_moe: b13 must be contiguous [E, 2I] in the model dtype");
+  TORCH_CHECK(!b2.has_value() || (b2->is_contiguous() && b2->scalar_type() == x.scalar_type() && b2->dim() == 2 &&
+                                  b2->size(0) == E && b2->size(1) == H),
+              "fused_moe: b2 must be contiguous [E, H] in the model dtype");
+  const bool swiglu = activation == "swigluoai";
+  TORCH_CHECK(swiglu || activation == "silu", "fused_moe: activation must be 'silu' or 'swigluoai'");
+  const bool topk_first = routing == "topk_softmax";
+  TORCH_CHECK(topk_first || routing == "softmax_topk", "fused_moe: routing must be 'softmax_topk' or 'topk_softmax'");
   at::Tensor out = at::empty_like(x);
   if (T == 0) return out;
 
   // [T, k] each
-  auto [weights, ids] = at::topk(router_logits.to(at::kFloat).softmax(-1), top_k, -1);
-  if (renormalize) weights = weights / weights.sum(-1, true);
+  at::Tensor weights, ids;
+  if (topk_first) {
+    std::tie(weights, ids) = at::topk(router_logits, top_k, -1);
+    weights = weights.to(at::kFloat).softmax(-1);
+  } else {
+    std::tie(weights, ids) = at::topk(router_logits.to(at::kFloat).softmax(-1), top_k, -1);
+    if (renormalize) weights = weights / weights.sum(-1, true);
+  }
   weights = weights.contiguous();
   ids = ids.contiguous();
   const int64_t pairs = T * top_k;  // pair p: token p / k, its slot p % k
@@ -100,7 +174,9 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const
     char* xep = static_cast<char*>(xe.data_ptr());
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(xep + r * row_bytes, xp + order[first + r] / top_k * row_bytes, row_bytes);
-    at::Tensor y = expert_linear(silu_and_mul(expert_linear(xe, w13[e])), w2[e]).contiguous();  // [n, H]
+    const at::Tensor h = expert_linear(xe, w13[e], row_of(b13, e));                      // [n, 2I]
+    const at::Tensor a = swiglu ? swigluoai_and_mul(h, alpha, limit) : silu_and_mul(h);  // [n, I]
+    at::Tensor y = expert_linear(a, w2[e], row_of(b2, e)).contiguous();                  // [n, H]
     const char* yp = static_cast<const char*>(y.data_ptr());
     for (int64_t r = 0; r < n; ++r) std::memcpy(pp + order[first + r] * row_bytes, yp + r * row_bytes, row_bytes);
   };
@@ -122,12 +198,15 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const
 
 // Shapes only, for torch.compile's tracing.
 at::Tensor fused_moe_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                          bool) {
+                          bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::string_view,
+                          double, double, c10::string_view) {
   return at::empty_like(x);
 }
 
 TORCH_LIBRARY_FRAGMENT(plexus, m) {
-  m.def("fused_moe(Tensor x, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize) -> Tensor");
+  m.def("fused_moe(Tensor x, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize, "
+        "Tensor? b13=None, Tensor? b2=None, str activation=\"silu\", float alpha=1.702, float limit=7.0, "
+        "str routing=\"softmax_topk\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) { m.impl("fused_moe", fused_moe); }
