@@ -106,3 +106,14 @@ def test_a_gemma3_multimodal_checkpoint_runs_as_its_text_model(layout, tmp_path,
     ids = prompts(count=2)
     expected = hf_reference(hf, ids)
     check_family(tmp_path, expected, ids, {}, SCHEDULES["prefix-cache-chunked-16"], monkeypatch)
+
+
+def test_compiled_decode_graphs_run_soft_capped_windowed_layers(tmp_path, monkeypatch):
+    """Decode steps through torch.compile'd graphs (padded to a batch bucket): the torch attention that
+    soft-capped and windowed layers take is traced too (its mask spans the block tables, no host sync)."""
+    config_cls, model_cls, extra = MODELS["gemma2-gqa2to1-hd64-softcap-window16"]
+    hf = build(config_cls, model_cls, tmp_path, **COMMON, **extra)
+    ids = prompts()
+    llm = check_family(tmp_path, hf_reference(hf, ids), ids, {}, {}, monkeypatch, max_num_seqs=4,
+                       compilation_config={"level": 3, "cudagraph_capture_sizes": [4]})
+    assert llm.llm_engine.executor.worker.runner.compiled.bucket_steps.get(4, 0) >= 3

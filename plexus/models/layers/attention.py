@@ -186,8 +186,10 @@ class TorchPagedAttention:
         if mask is None or self.sliding_window is not None:
             # Built here when the metadata was made for a kernel that needs none (for a layer that kernel
             # cannot run), or to narrow it to the window.
+            # (over the block tables' whole width, not the longest sequence: no host sync, static under compile)
             lens = group.seq_lens[:, None, None, None]
-            span = torch.arange(int(group.seq_lens.max()) if mask is None else mask.shape[-1], device=q.device)
+            width = group.block_tables.shape[1] * kv_cache.shape[2] if mask is None else mask.shape[-1]
+            span = torch.arange(width, device=q.device)
             mask = span < lens
             if self.sliding_window is not None:
                 mask = mask & (span >= lens - self.sliding_window)
