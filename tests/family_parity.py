@@ -81,6 +81,25 @@ def check_family(path, expected, prompt_ids, path_env: dict, schedule: dict, mon
     return llm
 
 
+def lazy_families(models: dict, common: dict, tmp_path_factory, prepare=None):
+    """name -> (checkpoint dir, HF model, prompts, HF's answers), each model of `models` (name -> (config class,
+    HF model class, config)) built with `common` settings on first use and kept; prepare(hf), where given, changes
+    the HF model after its checkpoint is saved (HF's answers are then the prepared model's)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            config_cls, model_cls, extra = models[name]
+            path = tmp_path_factory.mktemp(name)
+            hf = build(config_cls, model_cls, path, **{**common, **extra})
+            if prepare is not None:
+                prepare(hf)
+            ids = prompts()
+            built[name] = path, hf, ids, hf_reference(hf, ids)
+        return built[name]
+    return get
+
+
 def family_fixture(models: dict, common: dict):
     """A module-scoped fixture over `models` (name -> (config class, HF model class, config)): each model built
     with `common` settings, saved, and scored by HF: (path, prompts, hf_reference)."""

@@ -186,13 +186,21 @@ def test_mxfp4_checkpoint_matches_hf_dequantizing_it(mxfp4_model, speed_path, sc
     llm = check_family(path, expected, ids, PATHS[speed_path], SCHEDULES[schedule], monkeypatch)
     moe = llm.llm_engine.executor.worker.model.layers[1].mlp
     gate_up = hf.model.layers[1].mlp.experts.gate_up_proj.detach()      # [E, H, 2I], gate and up interleaved
-    assert torch.equal(moe.w13, torch.cat((gate_up[..., 0::2], gate_up[..., 1::2]), dim=-1).transpose(1, 2))
-    assert torch.equal(moe.w2, hf.model.layers[1].mlp.experts.down_proj.detach().transpose(1, 2))
+    assert torch.equal(dequantized_experts(moe, "w13", torch.float32),
+                       torch.cat((gate_up[..., 0::2], gate_up[..., 1::2]), dim=-1).transpose(1, 2))
+    assert torch.equal(dequantized_experts(moe, "w2", torch.float32),
+                       hf.model.layers[1].mlp.experts.down_proj.detach().transpose(1, 2))
 
 
-def test_mxfp4_experts_load_into_bf16_exactly(mxfp4_model):
-    """A real checkpoint runs in bf16: the dequantized experts are then bf16 weights, value for value HF's."""
-    from plexus import LLM
+def dequantized_experts(moe, name: str, dtype: torch.dtype) -> torch.Tensor:
+    w = dict(zip(("w13", "w2"), moe._experts()))[name]
+    return torch.stack([w.dequantized_expert(e, dtype) for e in range(moe.num_experts)])
+
+
+def test_mxfp4_experts_are_kept_as_exact_int8_blocks(mxfp4_model):
+    """A real checkpoint runs in bf16: the experts are then one byte a weight (twice each e2m1 value, a scale
+    per block of 32), value for value HF's bf16 experts, and run on the integer experts kernel."""
+    from plexus import LLM, SamplingParams
 
     path = mxfp4_model[0]
     hf = GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
@@ -200,9 +208,14 @@ def test_mxfp4_experts_load_into_bf16_exactly(mxfp4_model):
     llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="bfloat16", kv_cache_space=0.02)
     moe = llm.llm_engine.executor.worker.model.layers[0].mlp
     gate_up = hf.model.layers[0].mlp.experts.gate_up_proj.detach()
-    assert moe.w13.dtype == torch.bfloat16
-    assert torch.equal(moe.w13, torch.cat((gate_up[..., 0::2], gate_up[..., 1::2]), dim=-1).transpose(1, 2))
-    assert torch.equal(moe.w2, hf.model.layers[0].mlp.experts.down_proj.detach().transpose(1, 2))
+    assert moe.w13 is None and moe.w13_qweight.dtype == torch.int8 and moe.w13_scales.dtype == torch.float32
+    assert moe.w13_qweight.abs().max() <= 12 and moe.w13_scales.shape[-1] == moe.w13_qweight.shape[-1] // 32
+    assert torch.equal(dequantized_experts(moe, "w13", torch.bfloat16),
+                       torch.cat((gate_up[..., 0::2], gate_up[..., 1::2]), dim=-1).transpose(1, 2))
+    assert torch.equal(dequantized_experts(moe, "w2", torch.bfloat16),
+                       hf.model.layers[0].mlp.experts.down_proj.detach().transpose(1, 2))
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
 
 
 def test_mxfp4_is_refused_for_an_unquantized_checkpoint(family):

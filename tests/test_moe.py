@@ -23,7 +23,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP, GptOssTopKRo
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from family_parity import PATHS, SCHEDULES, build, check_family, hf_reference, prompts
+from family_parity import PATHS, SCHEDULES, check_family, lazy_families
 from plexus.envs import cache_dir
 from plexus.models.layers.linear import LinearBuilder
 from plexus.models.layers.moe import FusedMoE
@@ -337,17 +337,7 @@ MODELS = {
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """name -> (checkpoint dir, HF model, prompts, HF's answers), each built once."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            config_cls, model_cls, extra = MODELS[name]
-            path = tmp_path_factory.mktemp(name)
-            hf = build(config_cls, model_cls, path, **COMMON, **extra)
-            ids = prompts()
-            built[name] = path, hf, ids, hf_reference(hf, ids)
-        return built[name]
-    return get
+    return lazy_families(MODELS, COMMON, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -410,16 +400,6 @@ def test_missing_expert_is_named(family, tmp_path):
     shutil.copy(path / "config.json", tmp_path / "config.json")
     with pytest.raises(ValueError, match=r"missing 1 tensors, e.g. \['layers.1.mlp.w13'\]"):
         LLM(model=str(tmp_path), skip_tokenizer_init=True, kv_cache_space=0.02)
-
-
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-def test_quantization_of_experts_is_refused(family, method):
-    from plexus import LLM
-
-    path = family("qwen3moe-8x-top4-norm-sparse-step-2")[0]
-    with pytest.raises(ValueError, match=rf"quantization='{method}' would quantize the MoE experts "
-                                         r"\(layers.1.mlp.experts.0.gate_proj, ...\): plexus does not quantize"):
-        LLM(model=str(path), skip_tokenizer_init=True, kv_cache_space=0.02, quantization=method)
 
 
 def test_config_json_names_the_families_without_architectures(family, tmp_path, monkeypatch):

@@ -17,10 +17,11 @@ from collections.abc import Callable
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from plexus import LLM, SamplingParams
 from plexus.models.layers.linear import LinearLayer
+from plexus.models.layers.moe import FusedMoE
 
 ROOT = pathlib.Path(__file__).parent / "fixtures" / "quantized"
 FIXTURES = sorted(p.name for p in ROOT.iterdir() if (p / "reference.safetensors").is_file())
@@ -122,20 +123,58 @@ def test_every_dequantized_weight_equals_the_writers(fixture):
         # Within rounding: both are q * scale (minus zero points) in fp32 from the same stored values.
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{prefix}: {m}")
         checked.update(shards)
+    for prefix, moe in model.named_modules():
+        if not isinstance(moe, FusedMoE):
+            continue
+        # MoE fixtures: each expert's gate, up and down rows of the stacked experts (integers or dequantized)
+        w13, w2 = moe._experts()
+        inter = moe.intermediate_size
+        for e in range(moe.num_experts):
+            names = [f"model.{prefix}.experts.{e}.{n}.weight" for n in moe.expert_names]
+            weights = [_expert(w13, e)[:inter], _expert(w13, e)[inter:], _expert(w2, e)]
+            for name, actual in zip(names, weights):
+                torch.testing.assert_close(actual, reference[name].float(), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, name=name: f"{name}: {m}")
+                checked.add(name)
     assert checked == set(reference), f"reference weights never compared: {sorted(set(reference) - checked)}"
 
 
-def _hf_reference(path: pathlib.Path) -> LlamaForCausalLM:
-    """transformers' Llama in float64 with the writer's dequantized weights and the checkpoint's other tensors;
-    where the config quantizes activations, each quantized Linear's input rounded by _activation_formula."""
+def _expert(w, e: int) -> torch.Tensor:
+    return w[e].float() if isinstance(w, torch.Tensor) else w.dequantized_expert(e, torch.float32)
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The hub's per-expert tensors (model.layers.N.mlp.experts.E.gate_proj.weight, ...) stacked as transformers
+    5 keeps them in memory: experts.gate_up_proj [E, 2I, H] (gate rows, then up) and experts.down_proj [E, H, I]."""
+    out, experts = {}, {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if len(parts) == 8 and parts[3] == "mlp" and parts[4] == "experts" and parts[7] == "weight":
+            experts.setdefault(".".join(parts[:5]), {})[(int(parts[5]), parts[6])] = tensor
+        else:
+            out[name] = tensor
+    for base, pieces in experts.items():
+        count = 1 + max(e for e, _ in pieces)
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([pieces[(e, "gate_proj")], pieces[(e, "up_proj")]])
+                                                   for e in range(count)])
+        out[f"{base}.down_proj"] = torch.stack([pieces[(e, "down_proj")] for e in range(count)])
+    return out
+
+
+def _hf_reference(path: pathlib.Path) -> torch.nn.Module:
+    """transformers' model of the fixture's architecture (Llama, or Qwen3-MoE for the ct-moe ones) in float64
+    with the writer's dequantized weights and the checkpoint's other tensors; where the config quantizes
+    activations, each quantized Linear's input rounded by _activation_formula (HF's experts are not Linear
+    modules, so their inputs stay as they are, as plexus's fp32 experts multiply them)."""
     raw = json.loads((path / "config.json").read_text())
     for key in ("quantization_config", "compression_config"):
         raw.pop(key, None)
-    model = LlamaForCausalLM(LlamaConfig(**raw)).double().eval()
+    config = AutoConfig.for_model(**raw)
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager").double().eval()
     state = model.state_dict()
     stored = _tensors(path / "model.safetensors")
     reference = _tensors(path / "reference.safetensors")
-    tensors = {**{k: v for k, v in stored.items() if k in state}, **reference}
+    tensors = _stack_experts({**{k: v for k, v in stored.items() if k in state or ".experts." in k}, **reference})
     missing = set(state) - set(tensors) - {k for k in state if "rotary" in k}
     assert not missing, f"no reference for {sorted(missing)[:3]}"
     model.load_state_dict({k: v.double() for k, v in tensors.items()}, strict=False)
@@ -228,7 +267,8 @@ def test_each_activation_quantized_layer_computes_the_formula_on_the_stored_tens
         print(f"{name} {prefix}: max |error| / max |expected| {error:.1e}")
         assert error < 5e-6, (prefix, error)
         checked += 1
-    assert checked >= 3, f"{name}: only {checked} activation-quantized layers found"
+    # (the MoE fixture's one layer has two, qkv_proj and o_proj: its experts are not LinearLayers)
+    assert checked >= (2 if "moe" in name else 3), f"{name}: only {checked} activation-quantized layers found"
 
 
 def test_dynamic_fp8_rounding_gives_a_short_last_group_its_own_scale():

@@ -116,14 +116,18 @@ class ModelOps:
         adds it); act "silu": silu(gate) * up, or "swigluoai": gpt-oss's clamped SwiGLU (swigluoai_and_mul, with
         alpha and limit); the outputs times their weights summed over the top_k in fp32 and rounded once.
         Grouped by expert: the token-expert pairs sorted by expert, each expert runs once over its tokens (one
-        with none runs not at all)."""
+        with none runs not at all). w13 and w2 may each be a StackedInt (plexus.models.layers.moe_quant): integer
+        experts, each dequantized into the model dtype as it runs."""
         if activation not in ("silu", "swigluoai"):
             raise ValueError(f"fused_moe: activation must be 'silu' or 'swigluoai', got {activation!r}")
         weights, ids = select_experts(router_logits, top_k, renormalize, routing)  # [T, k]
-        num_tokens, num_experts = x.shape[0], w13.shape[0]
+        num_tokens, num_experts = x.shape[0], router_logits.shape[-1]
+
+        def weight(w, e: int) -> torch.Tensor:
+            return w[e] if isinstance(w, torch.Tensor) else w.dequantized_expert(e, x.dtype)
 
         def expert(h: torch.Tensor, e: int) -> torch.Tensor:
-            gate_up = F.linear(h, w13[e])  # [n, 2I]
+            gate_up = F.linear(h, weight(w13, e))  # [n, 2I]
             if b13 is not None:
                 gate_up = gate_up + b13[e]
             if activation == "swigluoai":
@@ -131,7 +135,7 @@ class ModelOps:
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = F.silu(gate) * up
-            y = F.linear(act, w2[e])  # [n, H]
+            y = F.linear(act, weight(w2, e))  # [n, H]
             return y if b2 is None else y + b2[e]
 
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):

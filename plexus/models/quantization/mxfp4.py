@@ -2,11 +2,14 @@
 format: blocks of 32 FP4 e2m1 values sharing one e8m0 power-of-two scale) and everything else in bf16.
 
 The experts' `*_blocks` (uint8 [E, out, in / 32, 16], two values a byte, the first in the low nibble) and
-`*_scales` (uint8 [E, out, in / 32], the scale 2^(s - 127)) are dequantized per block into the model dtype
-as they load (plexus.models.layers.moe calls dequantize_mxfp4), exactly: every e2m1 value times a power of two
-is a bf16 number. So the experts run as bf16 weights at bf16's memory and speed, not MXFP4's; what the method
-gives is that the hub's checkpoints load at all. Linear layers are never MXFP4 (transformers' integration
-replaces only the experts), so every linear here is unquantized, whatever modules_to_not_convert says."""
+`*_scales` (uint8 [E, out, in / 32], the scale 2^(s - 127)) are kept as 8-bit integers with a scale per block
+of 32 (plexus.models.layers.moe calls mxfp4_as_int8): twice each e2m1 value is an integer in -12..12 and half
+the block's scale a power of two, so the values are exactly MXFP4's, at one byte a weight (half bf16's memory
+and bandwidth, twice MXFP4's), and run on the platform's integer experts kernel (on the CPU the VNNI GEMV, which
+rounds the activations to int8 per block of 32 in bf16 steps; fp32 steps multiply the exact weights).
+dequantize_mxfp4 gives the values in a float dtype (for checkpoints' other uses and tests). Linear layers are
+never MXFP4 (transformers' integration replaces only the experts), so every linear here is unquantized,
+whatever modules_to_not_convert says."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -27,6 +30,16 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     values = torch.tensor(E2M1_VALUES)[codes].flatten(-2)  # [..., G, 32]
     exponents = scales.to(torch.int32)[..., None] - E8M0_BIAS
     return torch.ldexp(values, exponents).flatten(-2).to(dtype)
+
+
+def mxfp4_as_int8(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values as integers with group scales, exactly: blocks uint8 [..., G, 16] and scales uint8 [..., G]
+    -> (int8 [..., G * 32] holding 2 * e2m1, in -12..12; fp32 [..., G] holding 2^(s - 128))."""
+    doubled = torch.tensor([int(2 * v) for v in E2M1_VALUES], dtype=torch.int8)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [..., G, 16, 2]: low nibble first
+    q = doubled[codes].flatten(-3)
+    exponents = scales.to(torch.int32) - E8M0_BIAS - 1
+    return q, torch.ldexp(torch.ones(exponents.shape), exponents)
 
 
 class Mxfp4Config(QuantizationConfig):

@@ -72,7 +72,8 @@ class CpuPlatform(Platform):
 
     def finalize_model(self, model: torch.nn.Module) -> torch.nn.Module:
         linears = model.linear_layers()
-        if any(layer.method.quantized for layer in linears):
+        if any(layer.method.quantized for layer in linears) or any(
+                getattr(m, "experts_quantized", False) for m in model.modules()):
             # The full-precision weights quantized layers dropped stay mapped as long as the arena lives:
             # move what the model keeps into a new arena, so the old one is freed.
             host.move_into_huge_pages(model, copy=True)

@@ -13,8 +13,10 @@ import torch
 from plexus.core import sampler
 from plexus.models.layers.attention import TorchPagedAttention, _DecodeGroup
 from plexus.models.layers.linear import UNQUANTIZED
+from plexus.models.layers.moe_quant import StackedInt
 from plexus.models.layers.ops import ModelOps
 from plexus.models.layers.recipe import LLAMA_RECIPE, PHI3_PARTIAL_ROPE_RECIPE, QWEN3_RECIPE
+from plexus.models.quantization import packed as packed_int
 from plexus.platforms.cpu import kernels
 from plexus.platforms.cpu.kernels import Kernel
 
@@ -195,8 +197,19 @@ class CpuModelOps(ModelOps):
     def fused_moe(self, x, router_logits, w13, w2, top_k, renormalize, b13=None, b2=None, activation="silu",
                   alpha=1.702, limit=7.0, routing="softmax_topk"):
         """kernels/moe.cpp (each expert once over its tokens, threads over experts) for fp32 and bf16 weights (and
-        biases) in the activations' dtype."""
+        biases) in the activations' dtype, and for integer experts (StackedInt) in bf16 steps, on the VNNI GEMV
+        (fp32 models keep the exact path, as choose_linear keeps theirs)."""
         args = (b13, b2, activation, alpha, limit, routing)
+        if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor):
+            if (_cpu(x) and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous()
+                    and kernels.fast_quant_linear_available()
+                    and all(isinstance(w, StackedInt) and packed_int.supports(w.in_features, w.group_size, w.bits)
+                            for w in (w13, w2))
+                    and all(t.dtype == x.dtype and t.is_contiguous() for t in (b13, b2) if t is not None)):
+                return torch.ops.plexus.fused_moe_int(x, router_logits, w13.qweight, w13.scales, w13.offsets,
+                                                      w13.bits, w2.qweight, w2.scales, w2.offsets, w2.bits, top_k,
+                                                      renormalize, *args)
+            return super().fused_moe(x, router_logits, w13, w2, top_k, renormalize, *args)
         if (_cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
                 and all(t.dtype == x.dtype and t.is_contiguous() for t in (w13, w2, b13, b2) if t is not None)):
             return torch.ops.plexus.fused_moe(x, router_logits, w13, w2, top_k, renormalize, *args)

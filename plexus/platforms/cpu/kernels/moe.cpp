@@ -14,6 +14,11 @@
 // step streams only its top_k experts' weights. Last, per token, the top_k outputs times their weights are
 // summed in fp32 (in top-k order, as HF's grouped experts sum them) and rounded once.
 //
+// fused_moe_int: the same with each expert's weights as integers in linear_quant's packed form (8-bit, or 4-bit
+// nibbles, with group scales and offsets; quant_linear.cpp), stacked over experts: every expert's matmuls run on
+// the VNNI GEMV, its activations rounded to int8 per block of 32 inputs, whatever the expert's row count (an
+// expert's share of a step is a few rows; dequantizing it for a dense matmul would cost more than it saves).
+//
 // Threads: where the step has at least as many active experts as threads, the experts are shared out among
 // them (largest first, each thread taking the next), each expert's matmuls on one thread; otherwise the
 // experts run one after another and each matmul is threaded over its rows (a decode step's few experts).
@@ -107,19 +112,14 @@ void weighted_sum(const T* pair_out, const float* weights, T* out, int64_t token
 
 }  // namespace
 
-at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& w13,
-                     const at::Tensor& w2, int64_t top_k, bool renormalize, const c10::optional<at::Tensor>& b13,
-                     const c10::optional<at::Tensor>& b2, c10::string_view activation, double alpha, double limit,
-                     c10::string_view routing) {
+namespace {
+
+void check_common(const at::Tensor& x, const at::Tensor& router_logits, int64_t E, int64_t I, int64_t top_k,
+                  const c10::optional<at::Tensor>& b13, const c10::optional<at::Tensor>& b2,
+                  c10::string_view activation, c10::string_view routing) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fused_moe: x must be contiguous [T, H]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "fused_moe: fp32 or bf16");
-  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
-              "fused_moe: w13 [E, 2I, H] and w2 [E, H, I] must be contiguous");
-  TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
-              "fused_moe: x, w13 and w2 must have one dtype");
-  const int64_t T = x.size(0), H = x.size(1), E = w13.size(0), I = w2.size(2);
-  TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H,
-              "fused_moe: w13 must be [E, 2I, H] and w2 [E, H, I] for x [T, H]");
+  const int64_t T = x.size(0), H = x.size(1);
   TORCH_CHECK(router_logits.dim() == 2 && router_logits.size(0) == T && router_logits.size(1) == E,
               "fused_moe: router_logits must be [T, E]");
   TORCH_CHECK(top_k >= 1 && top_k <= E, "fused_moe: top_k must be in [1, E]");
@@ -129,10 +129,20 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const
   TORCH_CHECK(!b2.has_value() || (b2->is_contiguous() && b2->scalar_type() == x.scalar_type() && b2->dim() == 2 &&
                                   b2->size(0) == E && b2->size(1) == H),
               "fused_moe: b2 must be contiguous [E, H] in the model dtype");
+  TORCH_CHECK(activation == "swigluoai" || activation == "silu", "fused_moe: activation must be 'silu' or 'swigluoai'");
+  TORCH_CHECK(routing == "topk_softmax" || routing == "softmax_topk",
+              "fused_moe: routing must be 'softmax_topk' or 'topk_softmax'");
+}
+
+// The routing, the grouping by expert, each active expert's gate/up (lin13(e, rows) -> [n, 2I]), activation and
+// down (lin2(e, rows) -> [n, H]), and the weighted sum: what both ops below share.
+template <typename Lin13, typename Lin2>
+at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& router_logits, int64_t E, int64_t top_k,
+                       bool renormalize, c10::string_view activation, double alpha, double limit,
+                       c10::string_view routing, const Lin13& lin13, const Lin2& lin2) {
   const bool swiglu = activation == "swigluoai";
-  TORCH_CHECK(swiglu || activation == "silu", "fused_moe: activation must be 'silu' or 'swigluoai'");
   const bool topk_first = routing == "topk_softmax";
-  TORCH_CHECK(topk_first || routing == "softmax_topk", "fused_moe: routing must be 'softmax_topk' or 'topk_softmax'");
+  const int64_t T = x.size(0), H = x.size(1);
   at::Tensor out = at::empty_like(x);
   if (T == 0) return out;
 
@@ -174,9 +184,9 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const
     char* xep = static_cast<char*>(xe.data_ptr());
     for (int64_t r = 0; r < n; ++r)
       std::memcpy(xep + r * row_bytes, xp + order[first + r] / top_k * row_bytes, row_bytes);
-    const at::Tensor h = expert_linear(xe, w13[e], row_of(b13, e));                      // [n, 2I]
+    const at::Tensor h = lin13(e, xe);                                                   // [n, 2I]
     const at::Tensor a = swiglu ? swigluoai_and_mul(h, alpha, limit) : silu_and_mul(h);  // [n, I]
-    at::Tensor y = expert_linear(a, w2[e], row_of(b2, e)).contiguous();                  // [n, H]
+    at::Tensor y = lin2(e, a).contiguous();                                              // [n, H]
     const char* yp = static_cast<const char*>(y.data_ptr());
     for (int64_t r = 0; r < n; ++r) std::memcpy(pp + order[first + r] * row_bytes, yp + r * row_bytes, row_bytes);
   };
@@ -196,6 +206,76 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const
   return out;
 }
 
+// One stacked integer weight's expert e, in linear_quant's form: qweight [N, K or K / 2], scales [N, G],
+// offsets [N, G] or none.
+struct StackedInt {
+  const at::Tensor& qweight;
+  const at::Tensor& scales;
+  const c10::optional<at::Tensor>& offsets;
+  int64_t bits;
+
+  void check(const char* name, int64_t E, int64_t N, int64_t K) const {
+    TORCH_CHECK(bits == 8 || bits == 4, "fused_moe_int: ", name, " bits must be 8 or 4");
+    TORCH_CHECK(qweight.dim() == 3 && qweight.is_contiguous() && qweight.size(0) == E && qweight.size(1) == N &&
+                    qweight.size(2) == (bits == 8 ? K : K / 2) &&
+                    qweight.scalar_type() == (bits == 8 ? at::kChar : at::kByte),
+                "fused_moe_int: ", name, " must be contiguous [E, N, K] int8 or [E, N, K / 2] uint8, got ",
+                qweight.sizes());
+    TORCH_CHECK(scales.dim() == 3 && scales.is_contiguous() && scales.size(0) == E && scales.size(1) == N &&
+                    scales.scalar_type() == at::kFloat,
+                "fused_moe_int: ", name, " scales must be contiguous fp32 [E, N, G]");
+    TORCH_CHECK(!offsets.has_value() || (offsets->sizes() == scales.sizes() && offsets->is_contiguous() &&
+                                         offsets->scalar_type() == at::kFloat),
+                "fused_moe_int: ", name, " offsets must be contiguous fp32 like its scales");
+  }
+
+  at::Tensor apply(int64_t e, const at::Tensor& rows, const c10::optional<at::Tensor>& bias) const {
+    const c10::optional<at::Tensor> off = offsets.has_value() ? c10::optional<at::Tensor>((*offsets)[e]) : c10::nullopt;
+    at::Tensor y = linear_quant(rows, qweight[e], scales[e], off, c10::nullopt, bits, false);
+    if (bias.has_value()) y.add_(*bias);  // after the matmul's rounding, as the dense experts add it
+    return y;
+  }
+};
+
+}  // namespace
+
+at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& w13,
+                     const at::Tensor& w2, int64_t top_k, bool renormalize, const c10::optional<at::Tensor>& b13,
+                     const c10::optional<at::Tensor>& b2, c10::string_view activation, double alpha, double limit,
+                     c10::string_view routing) {
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
+              "fused_moe: w13 [E, 2I, H] and w2 [E, H, I] must be contiguous");
+  TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "fused_moe: x, w13 and w2 must have one dtype");
+  const int64_t H = x.size(1), E = w13.size(0), I = w2.size(2);
+  TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H,
+              "fused_moe: w13 must be [E, 2I, H] and w2 [E, H, I] for x [T, H]");
+  check_common(x, router_logits, E, I, top_k, b13, b2, activation, routing);
+  return moe_forward(
+      x, router_logits, E, top_k, renormalize, activation, alpha, limit, routing,
+      [&](int64_t e, const at::Tensor& rows) { return expert_linear(rows, w13[e], row_of(b13, e)); },
+      [&](int64_t e, const at::Tensor& rows) { return expert_linear(rows, w2[e], row_of(b2, e)); });
+}
+
+// See the top of the file: a batch-1 step streams only its top_k experts' integers.
+at::Tensor fused_moe_int(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& q13,
+                         const at::Tensor& s13, const c10::optional<at::Tensor>& o13, int64_t bits13,
+                         const at::Tensor& q2, const at::Tensor& s2, const c10::optional<at::Tensor>& o2,
+                         int64_t bits2, int64_t top_k, bool renormalize, const c10::optional<at::Tensor>& b13,
+                         const c10::optional<at::Tensor>& b2, c10::string_view activation, double alpha, double limit,
+                         c10::string_view routing) {
+  TORCH_CHECK(x.dim() == 2 && q13.dim() == 3 && s13.dim() == 3, "fused_moe_int: x [T, H], q13 and s13 [E, 2I, ...]");
+  const int64_t H = x.size(1), E = q13.size(0), I = s13.size(1) / 2;
+  const StackedInt w13{q13, s13, o13, bits13}, w2{q2, s2, o2, bits2};
+  w13.check("w13", E, 2 * I, H);
+  w2.check("w2", E, H, I);
+  check_common(x, router_logits, E, I, top_k, b13, b2, activation, routing);
+  return moe_forward(
+      x, router_logits, E, top_k, renormalize, activation, alpha, limit, routing,
+      [&](int64_t e, const at::Tensor& rows) { return w13.apply(e, rows, row_of(b13, e)); },
+      [&](int64_t e, const at::Tensor& rows) { return w2.apply(e, rows, row_of(b2, e)); });
+}
+
 // Shapes only, for torch.compile's tracing.
 at::Tensor fused_moe_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                           bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::string_view,
@@ -203,14 +283,31 @@ at::Tensor fused_moe_meta(const at::Tensor& x, const at::Tensor&, const at::Tens
   return at::empty_like(x);
 }
 
+at::Tensor fused_moe_int_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const c10::optional<at::Tensor>&, int64_t, const at::Tensor&, const at::Tensor&,
+                              const c10::optional<at::Tensor>&, int64_t, int64_t, bool,
+                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::string_view,
+                              double, double, c10::string_view) {
+  return at::empty_like(x);
+}
+
 TORCH_LIBRARY_FRAGMENT(plexus, m) {
   m.def("fused_moe(Tensor x, Tensor router_logits, Tensor w13, Tensor w2, int top_k, bool renormalize, "
         "Tensor? b13=None, Tensor? b2=None, str activation=\"silu\", float alpha=1.702, float limit=7.0, "
         "str routing=\"softmax_topk\") -> Tensor");
+  m.def("fused_moe_int(Tensor x, Tensor router_logits, Tensor q13, Tensor s13, Tensor? o13, int bits13, Tensor q2, "
+        "Tensor s2, Tensor? o2, int bits2, int top_k, bool renormalize, Tensor? b13=None, Tensor? b2=None, "
+        "str activation=\"silu\", float alpha=1.702, float limit=7.0, str routing=\"softmax_topk\") -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(plexus, CPU, m) { m.impl("fused_moe", fused_moe); }
+TORCH_LIBRARY_IMPL(plexus, CPU, m) {
+  m.impl("fused_moe", fused_moe);
+  m.impl("fused_moe_int", fused_moe_int);
+}
 
-TORCH_LIBRARY_IMPL(plexus, Meta, m) { m.impl("fused_moe", fused_moe_meta); }
+TORCH_LIBRARY_IMPL(plexus, Meta, m) {
+  m.impl("fused_moe", fused_moe_meta);
+  m.impl("fused_moe_int", fused_moe_int_meta);
+}
 
 }  // namespace plexus
