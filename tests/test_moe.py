@@ -411,3 +411,14 @@ def test_config_json_names_the_families_without_architectures(family, tmp_path, 
     del config["architectures"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     check_family(tmp_path, expected, ids, PATHS["layer-by-layer"], SCHEDULES["prefix-cache-chunked-16"], monkeypatch)
+
+
+def test_fused_decode_step_runs_the_moe_layers(family, monkeypatch):
+    """The family tests' "fused" path: every decode step of a MoE model is one llama_decode_layers call, told
+    each layer's routing (Qwen3-MoE's dense mlp_only layer as a dense MLP), and still matches HF."""
+    calls = []
+    step = torch.ops.plexus.llama_decode_layers
+    monkeypatch.setattr(torch.ops.plexus, "llama_decode_layers", lambda *a, **k: calls.append(list(a[-1])) or step(*a))
+    path, _, ids, expected = family("qwen3moe-4x-top2-mlp-only-1-tied")
+    check_family(path, expected, ids, PATHS["fused"], SCHEDULES["preemption"], monkeypatch)
+    assert calls and all(args == [2, 0, 0, 0, 0, 0, 0, 0] for args in calls)

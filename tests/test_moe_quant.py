@@ -227,21 +227,31 @@ BF16_MEAN_BOUND, BF16_WORST_BOUND = 0.08, 0.32
 
 
 @pytest.mark.parametrize("method", ["int8", "w8a8"])
-def test_bf16_experts_run_on_the_int_kernel_within_bounds_of_hf(quantized_family, method, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-decode", "layer-by-layer"])
+def test_bf16_experts_run_on_the_int_kernel_within_bounds_of_hf(quantized_family, method, fused, monkeypatch):
+    """Decode steps run the integer experts inside the fused C++ decode step (llama_decode_layers, told each
+    layer's bits) or, layer by layer, through fused_moe_int itself; prefill always through fused_moe_int."""
     from plexus import LLM, SamplingParams
 
+    monkeypatch.setenv("PLEXUS_FUSED_DECODE", "1" if fused else "0")
     path, hf, ids, expected = quantized_family("qwen3moe-8x-top2-mlp-only-1")
-    calls = []
-    kernel = torch.ops.plexus.fused_moe_int
+    calls, fused_steps = [], []
+    kernel, step = torch.ops.plexus.fused_moe_int, torch.ops.plexus.llama_decode_layers
     monkeypatch.setattr(torch.ops.plexus, "fused_moe_int", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    monkeypatch.setattr(torch.ops.plexus, "llama_decode_layers",
+                        lambda *a, **k: fused_steps.append(list(a[-1])) or step(*a, **k))
     llm = LLM(model=str(path), skip_tokenizer_init=True, dtype="bfloat16", kv_cache_space=0.02, quantization=method)
     params = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=1, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     errors = [abs(out.prompt_logprobs[pos][p[pos]].logprob - logprobs[pos - 1, p[pos]].item())
               for p, out, (_, logprobs) in zip(ids, outputs, expected) for pos in range(1, len(p))]
     mean, worst = sum(errors) / len(errors), max(errors)
-    print(f"\n{method}: mean {mean:.4f} worst {worst:.4f}")
-    assert len(calls) >= 6   # the prefill step and every decode step
+    if fused:
+        # every decode step fused, layer 0 routed (top-2, renormalized, 8-bit experts), layer 1 dense
+        assert len(fused_steps) == 5 and all(args == [2, 1, 8, 8, 0, 0, 0, 0] for args in fused_steps)
+        assert len(calls) == 1
+    else:
+        assert not fused_steps and len(calls) >= 6   # the prefill step and every decode step
     assert mean < BF16_MEAN_BOUND and worst < BF16_WORST_BOUND
 
 

@@ -12,8 +12,8 @@ layer's MLP (plexus.models.layers.moe) as transformers computes them:
 
 The checkpoint stacks the experts as transformers keeps them, `mlp.experts.gate_up_proj` [E, H, 2I] with gate
 and up interleaved along the last dimension, `down_proj` [E, I, H], and their biases; or, on the hub
-(openai/gpt-oss-*), the two weights in MXFP4 (`*_blocks`, `*_scales`, quant_method "mxfp4"), dequantized into
-the model dtype as they load. plexus calls the router `mlp.gate`, as for every MoE block."""
+(openai/gpt-oss-*), the two weights in MXFP4 (`*_blocks`, `*_scales`, quant_method "mxfp4"), kept as the
+same values in int8 with a scale per block of 32 (plexus.models.quantization.mxfp4). plexus calls the router `mlp.gate`, as for every MoE block."""
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -7,8 +7,8 @@ a shard of a fused layer (qkv_proj), and the parameter within it, whose name may
 "weight.absmax"); any other tensor is a plain parameter of the same name, or else goes to the module on its
 path that places its own (`load_checkpoint_tensor`: the fused MoE experts, plexus.models.layers.moe). A
 tensor with no place, of the wrong shape, or missing is an error naming it. Every LinearMethod then processes
-its layer's weights, and then every module with a `finish_loading` hook runs it (the quantized experts, which
-are stacked from their processed per-expert layers)."""
+its layer's weights (except layers whose owner processes them: `processed_by_owner`), and then every module with
+a `finish_loading` hook runs it (the quantized experts, processed and stacked one expert at a time)."""
 from __future__ import annotations
 
 import json
@@ -57,7 +57,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     if missing:
         raise ValueError(f"the checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     for layer in linears.values():
-        layer.method.process_weights_after_loading(layer)
+        if not getattr(layer, "processed_by_owner", False):
+            layer.method.process_weights_after_loading(layer)
     for module in [m for m in modules.values() if hasattr(m, "finish_loading")]:
         module.finish_loading()
 

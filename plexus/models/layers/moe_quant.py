@@ -73,6 +73,8 @@ class QuantizedExperts(nn.Module):
             self.gate_up.append(LinearLayer(hidden_size, [intermediate_size] * 2, False, method=method, ops=ops))
             method = quant_config.linear_method(f"{ours}.down_proj", [f"{base}.{down}"])
             self.down.append(LinearLayer(intermediate_size, [hidden_size], False, method=method, ops=ops))
+        for layer in (*self.gate_up, *self.down):
+            layer.processed_by_owner = True     # stacked() processes each in turn, not the loader
 
     def load(self, e: int, which: int, name: str, tensor: torch.Tensor, source: str) -> None:
         """Checkpoint tensor `name` (weight, weight_packed, qweight, ...) of expert e's gate (which 0), up (1) or
@@ -98,21 +100,50 @@ class QuantizedExperts(nn.Module):
             layer.load_weight("weight", weight, None, source)
 
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor | StackedInt, torch.Tensor | StackedInt]:
-        """(w13, w2), each a StackedInt where every expert has one integer form, else dense in `dtype`."""
+        """(w13, w2), each a StackedInt where every expert has one integer form, else dense in `dtype`. Each
+        expert's layer is processed by its method here (the loader leaves them: `processed_by_owner`) and
+        emptied once stacked, so only one expert's processed copy exists at a time beside the stack."""
         return _stack(list(self.gate_up), dtype), _stack(list(self.down), dtype)
 
 
 def _stack(layers: list[LinearLayer], dtype: torch.dtype) -> torch.Tensor | StackedInt:
-    forms = [layer.int_form for layer in layers]
-    first = forms[0]
-    if first is not None and all(
-            f is not None and f.bits == first.bits and f.qweight.shape == first.qweight.shape
-            and f.group_scales.shape == first.group_scales.shape for f in forms):
-        offsets = None
-        if any(f.offsets is not None for f in forms):
-            offsets = torch.stack([f.group_offsets if f.offsets is not None else torch.zeros_like(f.group_scales)
-                                   for f in forms])
-        return StackedInt(torch.stack([f.qweight for f in forms]), torch.stack([f.group_scales for f in forms]),
-                          offsets, first.bits)
-    return torch.stack([(layer.method.dequantize(layer) if hasattr(layer.method, "dequantize") else layer.weight)
-                        .to(dtype) for layer in layers])
+    num = len(layers)
+    stack: StackedInt | torch.Tensor | None = None
+    for e, layer in enumerate(layers):
+        layer.method.process_weights_after_loading(layer)
+        form = layer.int_form
+        if stack is None and form is not None:
+            offsets = None if form.offsets is None else torch.zeros(num, *form.group_offsets.shape)
+            stack = StackedInt(form.qweight.new_empty(num, *form.qweight.shape),
+                               torch.empty(num, *form.group_scales.shape), offsets, form.bits)
+        if isinstance(stack, StackedInt) and not _fits(stack, form):
+            stack = dequantized(StackedInt(stack.qweight[:e], stack.scales[:e],
+                                           None if stack.offsets is None else stack.offsets[:e], stack.bits), dtype)
+            stack = torch.cat([stack, stack.new_empty(num - e, *stack.shape[1:])])
+        if isinstance(stack, StackedInt):
+            stack.qweight[e].copy_(form.qweight)
+            stack.scales[e].copy_(form.group_scales)
+            if form.offsets is not None:
+                if stack.offsets is None:
+                    stack = StackedInt(stack.qweight, stack.scales, torch.zeros(stack.scales.shape), stack.bits)
+                stack.offsets[e].copy_(form.group_offsets)
+        else:
+            weight = layer.method.dequantize(layer) if hasattr(layer.method, "dequantize") else layer.weight
+            if stack is None:
+                stack = torch.empty(num, *weight.shape, dtype=dtype)
+            stack[e].copy_(weight)
+        _release(layer)
+    return stack
+
+
+def _fits(stack: StackedInt, form: PackedInt | None) -> bool:
+    return (form is not None and form.bits == stack.bits and form.qweight.shape == stack.qweight.shape[1:]
+            and form.qweight.dtype == stack.qweight.dtype and form.group_scales.shape == stack.scales.shape[1:])
+
+
+def _release(layer: LinearLayer) -> None:
+    """Frees a stacked expert's own tensors (the layer itself goes when the block drops it)."""
+    for module in layer.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            param.data = param.data.new_empty(0)
+    layer.int_form = None

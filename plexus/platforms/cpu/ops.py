@@ -13,19 +13,23 @@ import torch
 from plexus.core import sampler
 from plexus.models.layers.attention import TorchPagedAttention, _DecodeGroup
 from plexus.models.layers.linear import UNQUANTIZED
+from plexus.models.layers.moe import FusedMoE
 from plexus.models.layers.moe_quant import StackedInt
 from plexus.models.layers.ops import ModelOps
-from plexus.models.layers.recipe import LLAMA_RECIPE, PHI3_PARTIAL_ROPE_RECIPE, QWEN3_RECIPE
+from plexus.models.layers.recipe import (LLAMA_RECIPE, MIXTRAL_RECIPE, PHI3_PARTIAL_ROPE_RECIPE, QWEN3_MOE_RECIPE,
+                                         QWEN3_RECIPE)
 from plexus.models.quantization import packed as packed_int
 from plexus.platforms.cpu import kernels
 from plexus.platforms.cpu.kernels import Kernel
 
 # What llama_decode_layers computes (kernels/ops.cpp): RMSNorm pre-norms, fused q/k/v (with or without per-head
 # q/k RMSNorms) with rotate-half rotary over all of each head or its first part (the table's width), causal GQA
-# over every position or each layer's window, a dense SiLU-gated MLP. Any other model runs layer by layer,
-# through the same kernels per op.
+# over every position or each layer's window, a dense SiLU-gated MLP or routed SiLU experts (moe.cpp's ops,
+# softmax-then-top-k routing, no expert biases). Any other model runs layer by layer, through the same kernels
+# per op.
 FUSED_DECODE_RECIPES = frozenset(dataclasses.replace(recipe, attention=attention)
-                                 for recipe in (LLAMA_RECIPE, QWEN3_RECIPE, PHI3_PARTIAL_ROPE_RECIPE)
+                                 for recipe in (LLAMA_RECIPE, QWEN3_RECIPE, PHI3_PARTIAL_ROPE_RECIPE, MIXTRAL_RECIPE,
+                                                QWEN3_MOE_RECIPE)
                                  for attention in ("causal", "sliding"))
 
 
@@ -154,25 +158,37 @@ class CpuModelOps(ModelOps):
         plan = self._decode_weights_of[key]
         if plan is None:
             return None
-        weights, kernel_ids = plan
+        weights, kernel_ids, moe, moe_args = plan
         attn = model.layers[0].self_attn
         windows = [layer.self_attn.attn.sliding_window or 0 for layer in model.layers]
         return torch.ops.plexus.llama_decode_layers(
             hidden, positions, meta.slot_mapping, meta.decode.block_tables, meta.decode.seq_lens,
             model.rotary.cos, model.rotary.sin, kv_caches, weights, kernel_ids, windows, model.norm.weight,
-            model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale)
+            model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.attn.scale, moe, moe_args)
 
-    def _decode_weights(self, model, dtype, rows: int) -> tuple[list[torch.Tensor | None], list[int]] | None:
+    def _decode_weights(self, model, dtype, rows: int) -> tuple[list, list[int], list, list[int]] | None:
         """The flat weight list llama_decode_layers reads (per linear: weight, bias, packed weight, scales,
         offsets, each what its kernel reads or None) and the kernel of each linear, as choose_linear picks them
-        for `rows`; or None when a linear cannot run fused (a method with no int_form, a delta such as LoRA, or
-        a kernel the fused step does not have)."""
+        for `rows`, and for MoE models each layer's router and experts (_moe_entries; empty lists for dense
+        models); or None when a layer cannot run fused (a method with no int_form, a delta such as LoRA, a
+        kernel the fused step does not have, experts fused_moe would not take)."""
         weights: list[torch.Tensor | None] = []
         kernel_ids: list[int] = []
+        moe: list[torch.Tensor | None] = []
+        moe_args: list[int] = []
+        has_moe = model.decode_recipe.mlp == "moe"
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             entries = []
-            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            routed = isinstance(mlp, FusedMoE)
+            if has_moe:
+                found = self._moe_entries(mlp, dtype) if routed else ([None] * 8, [0, 0, 0, 0])
+                if found is None:
+                    return None
+                moe += found[0]
+                moe_args += found[1]
+            for i, lin in enumerate((attn.qkv_proj, attn.o_proj) + (() if routed else (mlp.gate_up_proj,
+                                                                                        mlp.down_proj))):
                 form = lin.int_form
                 if lin.delta is not None or (form is None and lin.method is not UNQUANTIZED):
                     return None
@@ -181,18 +197,47 @@ class CpuModelOps(ModelOps):
                                                    packed=lin.packed_weight is not None)
                     entries.append([lin.weight, lin.bias_for_rank(), lin.packed_weight, None, None])
                 else:
-                    kernel = kernels.choose_linear(rows, dtype, form=form, glu=lin is mlp.gate_up_proj)
+                    kernel = kernels.choose_linear(rows, dtype, form=form, glu=i == 2)
                     if kernel not in kernels.FUSED_KERNELS:
                         return None
                     tiles = kernels.layout(form, kernel) if kernel != Kernel.INT_GEMV else None
                     entries.append([form.qweight, lin.bias_for_rank(), tiles, form.group_scales, form.group_offsets])
                 kernel_ids.append(int(kernel))
+            if routed:
+                entries += [[None] * 5, [None] * 5]
+                kernel_ids += [int(Kernel.ATEN)] * 2
             weights.append(layer.input_layernorm.weight)
             weights += entries[0] + entries[1]
             weights.append(layer.post_attention_layernorm.weight)
             weights += entries[2] + entries[3]
             weights += [attn.q_norm.weight, attn.k_norm.weight] if model.decode_recipe.qk_norm else [None, None]
-        return weights, kernel_ids
+        return weights, kernel_ids, moe, moe_args
+
+    def _moe_entries(self, mlp, dtype) -> tuple[list, list[int]] | None:
+        """A routed-experts layer's 8 tensors and 4 numbers for llama_decode_layers (the router's weight and bias;
+        w13 or its integers, scales, offsets; w2 likewise; top_k, renormalize and each weight's bits, 0 for
+        dense), or None where this step's fused_moe would not take its kernels (the router with a delta or
+        another dtype, biases, another activation or routing, integer experts in an fp32 step)."""
+        router = mlp.gate
+        if (router.delta is not None or router.weight.dtype != dtype or mlp.b13 is not None
+                or mlp.activation != "silu" or mlp.routing != "softmax_topk"):
+            return None
+        tensors, bits = [router.weight, router.bias_for_rank()], []
+        for w in mlp._experts():
+            if isinstance(w, torch.Tensor):
+                if w.dtype != dtype:
+                    return None
+                tensors += [w, None, None]
+                bits.append(0)
+            elif (dtype == torch.bfloat16 and kernels.fast_quant_linear_available()
+                  and packed_int.supports(w.in_features, w.group_size, w.bits)):
+                tensors += [w.qweight, w.scales, w.offsets]
+                bits.append(w.bits)
+            else:
+                return None
+        if (bits[0] == 0) != (bits[1] == 0):
+            return None
+        return tensors, [mlp.top_k, int(mlp.renormalize), *bits]
 
     def fused_moe(self, x, router_logits, w13, w2, top_k, renormalize, b13=None, b2=None, activation="silu",
                   alpha=1.702, limit=7.0, routing="softmax_topk"):

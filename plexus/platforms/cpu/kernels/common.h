@@ -114,6 +114,17 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
                           const at::Tensor& sin, at::Tensor kv_cache, const at::Tensor& slot_mapping,
                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
+// moe.cpp
+at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& w13,
+                     const at::Tensor& w2, int64_t top_k, bool renormalize, const c10::optional<at::Tensor>& b13,
+                     const c10::optional<at::Tensor>& b2, c10::string_view activation, double alpha, double limit,
+                     c10::string_view routing);
+at::Tensor fused_moe_int(const at::Tensor& x, const at::Tensor& router_logits, const at::Tensor& q13,
+                         const at::Tensor& s13, const c10::optional<at::Tensor>& o13, int64_t bits13,
+                         const at::Tensor& q2, const at::Tensor& s2, const c10::optional<at::Tensor>& o2,
+                         int64_t bits2, int64_t top_k, bool renormalize, const c10::optional<at::Tensor>& b13,
+                         const c10::optional<at::Tensor>& b2, c10::string_view activation, double alpha, double limit,
+                         c10::string_view routing);
 // attention.cpp
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale, int64_t window);

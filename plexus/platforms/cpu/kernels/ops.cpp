@@ -35,13 +35,20 @@ enum LinearKernel : int64_t {
 // its scales [N, G] and offsets (kIntGemv), or AMX tiles in the packed slot
 // with per-channel scales (kW8a8Amx, kW8a8AmxGlu). Absent biases, packed
 // weights and offsets are None.
+// moe: empty, or 8 per layer for models with routed experts (Mixtral's and
+// Qwen3-MoE's recipes): the router's weight and bias, then the experts as
+// moe.cpp's ops read them: w13 (or its integers), its scales and offsets, w2
+// likewise (None where dense or absent); a layer whose router is None has a
+// dense MLP in the gate_up/down slots. moe_args: 4 per layer: top_k,
+// renormalize, and the bits of w13 and w2 (0: dense in the model dtype).
 // ---------------------------------------------------------------------------
 at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& slot_mapping,
                                const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cos,
                                const at::Tensor& sin, at::TensorList kv_caches,
                                const c10::List<c10::optional<at::Tensor>>& weights, at::IntArrayRef kernels,
                                at::IntArrayRef windows, const at::Tensor& final_norm, double eps, int64_t num_heads,
-                               int64_t num_kv_heads, int64_t head_dim, double scale) {
+                               int64_t num_kv_heads, int64_t head_dim, double scale,
+                               const c10::List<c10::optional<at::Tensor>>& moe, at::IntArrayRef moe_args) {
   static auto packed_linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   auto lin = [&](int64_t kernel, const at::Tensor& x, const c10::optional<at::Tensor>& wt,
                  const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& packed,
@@ -72,6 +79,13 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
   TORCH_CHECK(static_cast<int64_t>(kernels.size()) == 4 * L, "llama_decode_layers: 4 kernels per layer");
   TORCH_CHECK(static_cast<int64_t>(windows.size()) == L, "llama_decode_layers: a window per layer");
   auto w = [&](int64_t l, int i) -> c10::optional<at::Tensor> { return weights.get(kPerLayer * l + i); };
+  constexpr int kMoePerLayer = 8;
+  TORCH_CHECK(moe.size() == 0 || (static_cast<int64_t>(moe.size()) == kMoePerLayer * L &&
+                                  static_cast<int64_t>(moe_args.size()) == 4 * L),
+              "llama_decode_layers: moe takes 8 tensors and moe_args 4 numbers per layer");
+  auto m = [&](int64_t l, int i) -> c10::optional<at::Tensor> {
+    return moe.size() ? moe.get(kMoePerLayer * l + i) : c10::nullopt;
+  };
   auto linear = [&](int64_t l, int which, const at::Tensor& x) -> at::Tensor {
     const int first = which < 2 ? 1 + 5 * which : 12 + 5 * (which - 2);
     return lin(kernels[4 * l + which], x, w(l, first), w(l, first + 1), w(l, first + 2), w(l, first + 3),
@@ -94,6 +108,20 @@ at::Tensor llama_decode_layers(const at::Tensor& hidden, const at::Tensor& posit
                                   head_dim);
     at::Tensor attn = paged_attention_decode(q, kv_caches[l], block_tables, seq_lens, scale, windows[l]).view({B, -1});
     h = add_rms_norm(linear(l, 1, attn), residual, *w(l, 11), eps);
+    if (m(l, 0).has_value()) {   // routed experts (moe.cpp), the router's logits first
+      const at::Tensor& router = *m(l, 0);
+      const at::Tensor logits = h.scalar_type() == at::kBFloat16 && B <= 16 && has_fast_linear()
+                                    ? linear_bf16(h, router, m(l, 1), false)
+                                    : at::linear(h, router, m(l, 1));
+      const int64_t top_k = moe_args[4 * l], bits13 = moe_args[4 * l + 2], bits2 = moe_args[4 * l + 3];
+      const bool renormalize = moe_args[4 * l + 1] != 0;
+      h = bits13 == 0 ? fused_moe(h, logits, *m(l, 2), *m(l, 5), top_k, renormalize, c10::nullopt, c10::nullopt,
+                                  "silu", 1.702, 7.0, "softmax_topk")
+                      : fused_moe_int(h, logits, *m(l, 2), *m(l, 3), m(l, 4), bits13, *m(l, 5), *m(l, 6), m(l, 7),
+                                      bits2, top_k, renormalize, c10::nullopt, c10::nullopt, "silu", 1.702, 7.0,
+                                      "softmax_topk");
+      continue;
+    }
     h = kernels[4 * l + 2] == kW8a8AmxGlu ? linear(l, 2, h) : silu_and_mul(linear(l, 2, h));
     h = linear(l, 3, h);
   }
@@ -122,8 +150,8 @@ TORCH_LIBRARY(plexus, m) {
         "int window=0) -> Tensor");
   m.def("llama_decode_layers(Tensor hidden, Tensor positions, Tensor slot_mapping, Tensor block_tables, "
         "Tensor seq_lens, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor?[] weights, int[] kernels, "
-        "int[] windows, Tensor final_norm, float eps, int num_heads, int num_kv_heads, int head_dim, float scale) "
-        "-> Tensor");
+        "int[] windows, Tensor final_norm, float eps, int num_heads, int num_kv_heads, int head_dim, float scale, "
+        "Tensor?[] moe, int[] moe_args) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(plexus, CPU, m) {
