@@ -14,13 +14,15 @@ llama.cpp sources in llama-cpp-python's sdist), so that llama.cpp runs the same 
 For each model: batch-1 decode (a 32-token prompt, 128 new tokens: TTFT, decode tok/s) and a 64-request mix
 (prompts 32-256 tokens, outputs 16-64), greedy with EOS ignored, every system in its own process with 2 threads,
 interleaved run by run (benchmarks/latency.py's and throughput.py's runners and measurements). Ratios:
-plexus-bf16 against llamacpp-bf16 and hf-bf16; for the MoE, plexus-bf16 against llamacpp-q8_0 too (plexus does
-not quantize experts yet). The share of the memory floor: decode tok/s x the bytes one decode step reads (every
-dense weight once, the top-k experts' weights of each MoE layer) over the machine's read bandwidth
-(--bandwidth-gbs, measured by the caller, e.g. with a large torch copy).
+plexus-bf16 against llamacpp-bf16 and hf-bf16; for the MoE also plexus-int8 (`quantization="int8"`: every
+decoder matmul, the experts included, int8 per output channel, quantized on load) against llamacpp-q8_0 and
+plexus-bf16, and plexus-bf16 against llamacpp-q8_0. The share of the memory floor: decode tok/s x the bytes one
+decode step reads (every dense weight once, the top-k experts' weights of each MoE layer; 1 byte a decoder
+weight for int8) over the machine's read bandwidth (--bandwidth-gbs, measured by the caller, e.g. with a large
+torch copy). --without leaves systems out (memory: the MoE's five processes need about 30 GB at their peaks).
 
     .venv/bin/python benchmarks/families.py [--models qwen3-0.6b,gemma3-1b,qwen3-30b-a3b-3l] [--runs 3]
-        [--no-hf] [--quick] [--bandwidth-gbs 33]
+        [--no-hf] [--without llamacpp-bf16] [--quick] [--bandwidth-gbs 33]
 
 The first run builds each model (a minute or two), converts it (a few minutes for the MoE) and caches both under
 ~/.cache/plexus/bench/families/; the converter runs in a small venv made there (sentencepiece, protobuf) that
@@ -41,7 +43,8 @@ from typing import Any
 import common
 import latency
 import throughput
-from common import (CACHE_DIR, HF, LLAMACPP_BF16, LLAMACPP_Q8_0, PLEXUS, Workers, comparisons, ensure_peers,
+from common import (CACHE_DIR, HF, LLAMACPP_BF16, LLAMACPP_Q8_0, PLEXUS, PLEXUS_INT8, Workers, comparisons,
+                    ensure_peers,
                     kv_cache_space_gib, machine_info, memory_table, random_prompts, ratio_table, run_isolated,
                     stats_table, write_results)
 
@@ -190,9 +193,10 @@ def _converter_python() -> pathlib.Path:
 
 # ---------------------------------------------------------------- what a decode step reads
 
-def decode_step_gb(name: str) -> float:
-    """GB one batch-1 decode step reads: every dense weight once (bf16), the router, and top_k of each MoE layer's
-    experts; the embedding row is negligible, a tied head counts once."""
+def decode_step_gb(name: str, decoder_bytes: float = 2) -> float:
+    """GB one batch-1 decode step reads: every dense weight once (the decoder's at decoder_bytes a weight, the head
+    in bf16), the router, and top_k of each MoE layer's experts; the embedding row is negligible, a tied head
+    counts once."""
     _, c = MODELS[name]
     h, layers, head_dim = c["hidden_size"], c["num_hidden_layers"], c["head_dim"]
     attn = h * head_dim * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
@@ -201,23 +205,25 @@ def decode_step_gb(name: str) -> float:
     else:
         mlp = 3 * h * c["intermediate_size"]
     head = c["vocab_size"] * h
-    return 2 * (layers * (attn + mlp) + head) / 1e9
+    return (decoder_bytes * layers * (attn + mlp) + 2 * head) / 1e9
 
 
 # ---------------------------------------------------------------- running
 
-def systems_for(name: str, with_hf: bool) -> dict[str, str]:
+def systems_for(name: str, with_hf: bool, without: tuple[str, ...] = ()) -> dict[str, str]:
     """system -> model path."""
     paths = {PLEXUS: str(hf_dir(name)), LLAMACPP_BF16: str(gguf(name, "bf16"))}
     if name in MOE:
-        paths[LLAMACPP_Q8_0] = str(gguf(name, "q8_0"))
+        # int8 first: its load peaks highest (the bf16 weights, then their quantized copy), before the others load
+        paths = {PLEXUS_INT8: str(hf_dir(name)), **paths, LLAMACPP_Q8_0: str(gguf(name, "q8_0"))}
     if with_hf:
         paths[HF] = str(hf_dir(name))
-    return paths
+    return {system: path for system, path in paths.items() if system not in without}
 
 
-def run_model(name: str, settings: Settings, runs: int, with_hf: bool) -> dict[str, Any]:
-    paths = systems_for(name, with_hf)
+def run_model(name: str, settings: Settings, runs: int, with_hf: bool, without: tuple[str, ...] = ()
+              ) -> dict[str, Any]:
+    paths = systems_for(name, with_hf, without)
     vocab = (3, 256)        # token ids the tokenizer has pieces for (the weights are random anyway)
     prompt = random_prompts([settings.prompt_length], vocab)[0]
     seq_len = max(1024, settings.prompt_length + settings.new_tokens)
@@ -229,8 +235,7 @@ def run_model(name: str, settings: Settings, runs: int, with_hf: bool) -> dict[s
     stats = latency.summarize({s: f[str(settings.prompt_length)] for s, f in found.items() if f})
     out: dict[str, Any] = {"batch1": {"stats": stats, "comparisons": _comparisons(stats, latency.METRICS),
                                       "memory": memory}}
-    floor = decode_step_gb(name)
-    out["decode_step_gb"] = floor
+    out["decode_step_gb"] = {system: decode_step_gb(name, 1 if system == PLEXUS_INT8 else 2) for system in paths}
 
     mix = throughput.Settings(num_requests=settings.num_requests, prompt_range=settings.prompt_range,
                               output_range=settings.output_range, hf_batch_sizes=())
@@ -264,13 +269,12 @@ def report(name: str, result: dict[str, Any], settings: Settings, runs: int, ban
     print(stats_table(b1["stats"], latency.METRICS, runs))
     if b1["comparisons"]:
         print("\n" + ratio_table(b1["comparisons"], latency.METRICS))
-    if bandwidth_gbs:
-        print(f"\nA decode step reads {result['decode_step_gb']:.2f} GB: at {bandwidth_gbs} GB/s the floor is "
-              f"{bandwidth_gbs / result['decode_step_gb']:.1f} tok/s")
-        for system, row in b1["stats"].items():
-            tps = (row.get("decode_tps") or {}).get("median")
-            if tps:
-                print(f"- {system}: {tps:.1f} tok/s = {tps * result['decode_step_gb'] / bandwidth_gbs:.0%} of it")
+    for system, row in b1["stats"].items():
+        tps, step_gb = (row.get("decode_tps") or {}).get("median"), result["decode_step_gb"].get(system)
+        if tps and step_gb:
+            share = f", {tps * step_gb / bandwidth_gbs:.0%} of {bandwidth_gbs} GB/s" if bandwidth_gbs else ""
+            print(f"- {system}: a decode step reads {step_gb:.2f} GB; {tps:.1f} tok/s streams "
+                  f"{tps * step_gb:.1f} GB/s{share}")
     print(f"\n### {name}: {settings.num_requests} requests at once\n")
     print(stats_table(result["mix"]["stats"], throughput.METRICS, runs))
     if result["mix"]["comparisons"]:
@@ -283,6 +287,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="leave HF transformers out")
+    parser.add_argument("--without", default="", help="comma-separated systems to leave out (e.g. llamacpp-bf16)")
     parser.add_argument("--quick", action="store_true", help="tiny prompts and outputs, one run")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="the machine's read bandwidth, GB/s")
     parser.add_argument("--output-json", default=None)
@@ -295,7 +300,8 @@ def main() -> None:
     ensure_peers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     began = time.perf_counter()
-    results = {name: run_model(name, settings, runs, not args.no_hf) for name in names}
+    without = tuple(s for s in args.without.split(",") if s)
+    results = {name: run_model(name, settings, runs, not args.no_hf, without) for name in names}
     for name, result in results.items():
         report(name, result, settings, runs, args.bandwidth_gbs)
     path = write_results("families" + ("_quick" if args.quick else ""),
