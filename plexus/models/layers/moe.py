@@ -163,6 +163,9 @@ class FusedMoE(nn.Module):
                 for e in range(self.num_experts):
                     self.quantized_experts.load_full_precision(param, e, tensor[e], f"{self.prefix}.{name}")
                 return []
+            if getattr(self, param) is None:
+                raise ValueError(f"checkpoint tensor '{self.prefix}.{name}' holds full-precision experts, but the "
+                                 "checkpoint's quantization_config says they are MXFP4 (*_blocks, *_scales)")
             getattr(self, param).data.copy_(tensor)
             return self._mark_filled(param, list(self._missing[param]))
         if name.endswith(("_blocks", "_scales")) and name[:-7] in ("experts.gate_up_proj", "experts.down_proj"):
