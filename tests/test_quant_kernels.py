@@ -140,7 +140,7 @@ def _fused_and_layered(llm, prompts=PROMPTS):
     fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     plan = ops._decode_weights_of[(id(model), kernels.row_class(len(prompts)))]   # the fused step ran,
     assert plan is not None                                                          # over packed weights
-    weights, kernel_ids = plan
+    weights, kernel_ids, _, _ = plan     # (the MoE lists are empty for a dense model)
     assert any(w is not None and w.dtype in (torch.int8, torch.uint8) for w in weights)
     _fused_and_layered.kernel_ids = kernel_ids
     ops.fused_decode = False
